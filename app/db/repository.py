@@ -1,0 +1,364 @@
+"""Where stories are kept: every SQL statement of the service lives in this module.
+
+Two implementations of one contract (`StoryRepository`), checked by one contract
+test suite run against both:
+
+- `PostgresStoryRepository`: an asyncpg pool (`DATABASE_URL`), the production store.
+- `SqliteStoryRepository`: an embedded file (`DATABASE_SQLITE_PATH`), the default
+  when no database is configured, so the service runs out of the box.
+
+Both apply versioned, idempotent migrations (`migrations/<backend>/NNNN_*.sql`)
+at start; PostgreSQL under an advisory lock so replicas starting together do not
+race.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID
+
+import aiosqlite
+import asyncpg
+
+from app.models import PageCursor, StoryPage, StoryRecord
+
+# Any fixed 64-bit number, the same in every replica.
+_MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
+
+_COLUMNS = (
+    "id, owner, title, paragraphs, prompt, age, length, language, provider, model, "
+    "degraded, illustration_url, prompt_tokens, completion_tokens, generation_ms, created_at"
+)
+
+
+class StoryRepository(Protocol):
+    backend: str
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; returns the versions applied now."""
+
+    async def applied_migrations(self) -> list[str]: ...
+
+    async def add(self, story: StoryRecord) -> None: ...
+
+    async def get(self, story_id: UUID, owner: str) -> StoryRecord | None: ...
+
+    async def list_page(
+        self, owner: str, limit: int, after: PageCursor | None = None
+    ) -> StoryPage: ...
+
+    async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]: ...
+
+    async def ping(self) -> float:
+        """One round trip; returns its duration in milliseconds."""
+
+    async def close(self) -> None: ...
+
+
+def _migrations(backend: str) -> list[tuple[str, str]]:
+    folder = resources.files("app.db") / "migrations" / backend
+    files = sorted(
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    )
+    return [(name.removesuffix(".sql"), sql) for name, sql in files]
+
+
+def _page(rows: Sequence[StoryRecord], limit: int) -> StoryPage:
+    items = tuple(rows[:limit])
+    has_more = len(rows) > limit
+    cursor = PageCursor(items[-1].created_at, items[-1].id) if has_more and items else None
+    return StoryPage(items=items, next_cursor=cursor)
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
+    return StoryRecord(
+        id=row["id"],
+        owner=row["owner"],
+        title=row["title"],
+        paragraphs=tuple(row["paragraphs"]),
+        prompt=row["prompt"],
+        age=row["age"],
+        length=row["length"],
+        language=row["language"],
+        provider=row["provider"],
+        model=row["model"],
+        degraded=row["degraded"],
+        illustration_url=row["illustration_url"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        generation_ms=row["generation_ms"],
+        created_at=row["created_at"],
+    )
+
+
+class PostgresStoryRepository:
+    backend = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        command_timeout: float,
+        connect_timeout: float,
+    ) -> PostgresStoryRepository:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            timeout=connect_timeout,
+        )
+        return cls(pool)
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in _migrations(self.backend):
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+        return applied
+
+    async def applied_migrations(self) -> list[str]:
+        rows = await self._pool.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        return [row["version"] for row in rows]
+
+    async def add(self, story: StoryRecord) -> None:
+        await self._pool.execute(
+            f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            story.id,
+            story.owner,
+            story.title,
+            list(story.paragraphs),
+            story.prompt,
+            story.age,
+            story.length,
+            story.language,
+            story.provider,
+            story.model,
+            story.degraded,
+            story.illustration_url,
+            story.prompt_tokens,
+            story.completion_tokens,
+            story.generation_ms,
+            story.created_at,
+        )
+
+    async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM stories WHERE id = $1 AND owner = $2",  # noqa: S608
+            story_id,
+            owner,
+        )
+        return _record_from_pg(row) if row else None
+
+    async def list_page(self, owner: str, limit: int, after: PageCursor | None = None) -> StoryPage:
+        if after is None:
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+                "ORDER BY created_at DESC, id DESC LIMIT $2",
+                owner,
+                limit + 1,
+            )
+        else:
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+                "AND (created_at, id) < ($2, $3) "
+                "ORDER BY created_at DESC, id DESC LIMIT $4",
+                owner,
+                after.created_at,
+                after.id,
+                limit + 1,
+            )
+        return _page([_record_from_pg(r) for r in rows], limit)
+
+    async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+            "AND age BETWEEN $2 AND $3 "
+            "ORDER BY degraded ASC, abs(age - $4) ASC, created_at DESC LIMIT $5",
+            owner,
+            age - 1,
+            age + 1,
+            age,
+            limit,
+        )
+        return [_record_from_pg(r) for r in rows]
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        await self._pool.fetchval("SELECT 1")
+        return (time.perf_counter() - started) * 1000
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+# ---------------------------------------------------------------- SQLite
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _record_from_sqlite(row: Any) -> StoryRecord:
+    return StoryRecord(
+        id=UUID(row["id"]),
+        owner=row["owner"],
+        title=row["title"],
+        paragraphs=tuple(json.loads(row["paragraphs"])),
+        prompt=row["prompt"],
+        age=row["age"],
+        length=row["length"],
+        language=row["language"],
+        provider=row["provider"],
+        model=row["model"],
+        degraded=bool(row["degraded"]),
+        illustration_url=row["illustration_url"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        generation_ms=row["generation_ms"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+    )
+
+
+class SqliteStoryRepository:
+    """The embedded default: one WAL-mode SQLite file, one connection, no server."""
+
+    backend = "sqlite"
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStoryRepository:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(path)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=NORMAL")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return cls(conn)
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        await self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        async with self._conn.execute("SELECT version FROM schema_migrations") as cursor:
+            done = {row["version"] for row in await cursor.fetchall()}
+        for version, sql in _migrations(self.backend):
+            if version in done:
+                continue
+            await self._conn.executescript(sql)
+            await self._conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, _iso(datetime.now(UTC))),
+            )
+            applied.append(version)
+        await self._conn.commit()
+        return applied
+
+    async def applied_migrations(self) -> list[str]:
+        async with self._conn.execute(
+            "SELECT version FROM schema_migrations ORDER BY version"
+        ) as cursor:
+            return [row["version"] for row in await cursor.fetchall()]
+
+    async def add(self, story: StoryRecord) -> None:
+        await self._conn.execute(
+            f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                str(story.id),
+                story.owner,
+                story.title,
+                json.dumps(list(story.paragraphs), ensure_ascii=False),
+                story.prompt,
+                story.age,
+                story.length,
+                story.language,
+                story.provider,
+                story.model,
+                int(story.degraded),
+                story.illustration_url,
+                story.prompt_tokens,
+                story.completion_tokens,
+                story.generation_ms,
+                _iso(story.created_at),
+            ),
+        )
+        await self._conn.commit()
+
+    async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
+        async with self._conn.execute(
+            f"SELECT {_COLUMNS} FROM stories WHERE id = ? AND owner = ?",  # noqa: S608
+            (str(story_id), owner),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _record_from_sqlite(row) if row else None
+
+    async def list_page(self, owner: str, limit: int, after: PageCursor | None = None) -> StoryPage:
+        if after is None:
+            query = (
+                f"SELECT {_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
+                "ORDER BY created_at DESC, id DESC LIMIT ?"
+            )
+            params: tuple[Any, ...] = (owner, limit + 1)
+        else:
+            query = (
+                f"SELECT {_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
+                "AND (created_at < ? OR (created_at = ? AND id < ?)) "
+                "ORDER BY created_at DESC, id DESC LIMIT ?"
+            )
+            when = _iso(after.created_at)
+            params = (owner, when, when, str(after.id), limit + 1)
+        async with self._conn.execute(query, params) as cursor:
+            rows = await cursor.fetchall()
+        return _page([_record_from_sqlite(r) for r in rows], limit)
+
+    async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
+        async with self._conn.execute(
+            f"SELECT {_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
+            "AND age BETWEEN ? AND ? "
+            "ORDER BY degraded ASC, abs(age - ?) ASC, created_at DESC LIMIT ?",
+            (owner, age - 1, age + 1, age, limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_record_from_sqlite(r) for r in rows]
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        async with self._conn.execute("SELECT 1") as cursor:
+            await cursor.fetchone()
+        return (time.perf_counter() - started) * 1000
+
+    async def close(self) -> None:
+        await self._conn.close()

@@ -1,0 +1,182 @@
+"""The one error root of the service and its rendering as RFC 9457 problem details.
+
+Services raise `AppError` subclasses (never `HTTPException`); this module is the
+only place that turns an error into an HTTP response. Every error response is
+`application/problem+json` with the same members, always carrying the request id:
+
+    {"type": ..., "title": ..., "status": ..., "detail": ..., "instance": ...,
+     "request_id": ..., "errors": [{"field": "prompt", "reason": "..."}]}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from app.core.observability import current_request_id
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_BASE = "https://story-service.dev/problems/"
+
+
+class AppError(Exception):
+    """Root of every error the service reports to its callers."""
+
+    status_code: int = 500
+    title: str = "Internal server error"
+    slug: str = "internal"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        self.errors = list(errors or [])
+
+
+class NotFoundError(AppError):
+    status_code = 404
+    title = "Not found"
+    slug = "not-found"
+
+
+class InvalidRequestError(AppError):
+    status_code = 422
+    title = "Invalid request"
+    slug = "invalid-request"
+
+
+class ConflictError(AppError):
+    status_code = 409
+    title = "Conflict"
+    slug = "conflict"
+
+
+class ServiceUnavailableError(AppError):
+    status_code = 503
+    title = "Service unavailable"
+    slug = "unavailable"
+
+    def __init__(self, detail: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class PayloadTooLargeError(AppError):
+    status_code = 413
+    title = "Payload too large"
+    slug = "payload-too-large"
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    slug: str,
+    instance: str | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": current_request_id(),
+    }
+    if instance:
+        body["instance"] = instance
+    if errors:
+        body["errors"] = list(errors)
+    return JSONResponse(
+        body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_JSON
+    )
+
+
+def _field_of(location: Sequence[Any]) -> str:
+    # ("body", "prompt") -> "prompt"; ("query", "limit") -> "limit"; nested -> "a.b"
+    parts = [str(p) for p in location]
+    if parts and parts[0] in {"body", "query", "path", "header"}:
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+async def _app_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return problem_response(
+        exc.status_code,
+        exc.title,
+        exc.detail,
+        slug=exc.slug,
+        instance=request.url.path,
+        errors=exc.errors,
+        headers=exc.headers,
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {
+            "field": _field_of(err.get("loc", ())),
+            "reason": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+        }
+        for err in exc.errors()
+    ]
+    fields = ", ".join(sorted({e["field"] for e in errors}))
+    return problem_response(
+        422,
+        InvalidRequestError.title,
+        f"The request is not valid: {fields}.",
+        slug=InvalidRequestError.slug,
+        instance=request.url.path,
+        errors=errors,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
+        exc.status_code, "http-error"
+    )
+    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+    return problem_response(
+        exc.status_code,
+        title,
+        str(exc.detail),
+        slug=slug,
+        instance=request.url.path,
+        headers=exc.headers,
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(
+        500,
+        AppError.title,
+        "Something went wrong on our side. Quote the request id when reporting it.",
+        slug=AppError.slug,
+        instance=request.url.path,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

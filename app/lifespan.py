@@ -1,0 +1,131 @@
+"""What the service opens at start and closes at stop, held in one typed `AppState`.
+
+Nothing connects at import time: `lifespan()` opens the database (PostgreSQL
+pool, or the embedded SQLite file), applies migrations, opens Redis when
+configured, builds the providers that have keys, and closes all of it, in
+reverse order, at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from app.core.config import Settings
+from app.core.observability import configure_logging
+from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
+from app.providers.base import IllustrationProvider, StoryProvider
+from app.providers.offline import OfflineStoryProvider
+from app.providers.openai import OpenAIStoryProvider
+from app.providers.replicate import (
+    ReplicateIllustrator,
+    ReplicatePredictions,
+    ReplicateStoryProvider,
+    build_client,
+)
+from app.services.stories import StoryService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    repository: StoryRepository
+    redis: aioredis.Redis | None
+    stories: StoryService
+    started_at: float = field(default_factory=time.monotonic)
+    draining: bool = False
+
+
+async def open_repository(settings: Settings) -> StoryRepository:
+    db = settings.database
+    if db.url is not None:
+        return await PostgresStoryRepository.connect(
+            db.url.get_secret_value(),
+            min_size=db.pool_min_size,
+            max_size=db.pool_max_size,
+            command_timeout=db.command_timeout_seconds,
+            connect_timeout=db.connect_timeout_seconds,
+        )
+    return await SqliteStoryRepository.open(db.sqlite_path)
+
+
+def open_redis(settings: Settings) -> aioredis.Redis | None:
+    if settings.redis.url is None:
+        return None
+    cfg = settings.redis
+    # Millisecond budgets and no client-side retries: a silent Redis must cost
+    # a request milliseconds, never redis-py's default seconds.
+    return aioredis.Redis.from_url(
+        cfg.url.get_secret_value() if cfg.url else "",
+        socket_timeout=cfg.socket_timeout_ms / 1000,
+        socket_connect_timeout=cfg.connect_timeout_ms / 1000,
+        retry_on_timeout=False,
+        retry=None,
+        max_connections=cfg.max_connections,
+        health_check_interval=0,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    settings: Settings = app.state.settings
+    configure_logging(settings.log_level)
+    async with AsyncExitStack() as stack:
+        repository = await open_repository(settings)
+        stack.push_async_callback(repository.close)
+        applied = await repository.migrate()
+        if applied:
+            logger.info("migrations applied", extra={"versions": applied})
+
+        redis = open_redis(settings)
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
+            try:
+                await redis.ping()
+            except Exception as error:  # readiness reports it; start anyway
+                logger.warning("redis did not answer at start", extra={"error": repr(error)})
+
+        providers: list[StoryProvider] = []
+        illustrator: IllustrationProvider | None = None
+        if settings.openai.configured:
+            openai_provider = OpenAIStoryProvider.from_settings(settings.openai)
+            stack.push_async_callback(openai_provider.close)
+            providers.append(openai_provider)
+        if settings.replicate.configured:
+            client = build_client(settings.replicate)
+            stack.push_async_callback(client._async_client.aclose)
+            poll = settings.replicate.poll_interval_seconds
+            providers.append(
+                ReplicateStoryProvider(
+                    ReplicatePredictions(client, settings.replicate.text_model, poll)
+                )
+            )
+            illustrator = ReplicateIllustrator(
+                ReplicatePredictions(client, settings.replicate.image_model, poll)
+            )
+
+        stories = StoryService(
+            repository, providers, offline=OfflineStoryProvider(), illustrator=illustrator
+        )
+        state = AppState(settings=settings, repository=repository, redis=redis, stories=stories)
+        app.state.app_state = state
+        logger.info(
+            "service started",
+            extra={
+                "database": repository.backend,
+                "redis": redis is not None,
+                "providers": stories.provider_names,
+            },
+        )
+        yield {"app_state": state}
+        state.draining = True
+        logger.info("service stopping")

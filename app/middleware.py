@@ -1,0 +1,138 @@
+"""Pure-ASGI middleware: request id, access log and timing, and the body-size limit.
+
+Pure ASGI rather than `BaseHTTPMiddleware`, which runs the endpoint in another
+task (ContextVars set here would not reach it) and buffers streaming bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.observability import request_id_from, reset_request_id, set_request_id
+from app.errors import PayloadTooLargeError, problem_response
+
+access_logger = logging.getLogger("app.access")
+
+# Probes hit these every few seconds: log them at debug level only.
+QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/health", "/metrics"})
+
+
+class RequestContextMiddleware:
+    """Assigns the request id, echoes it in `X-Request-ID`, logs one line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = request_id_from(incoming)
+        token = set_request_id(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_code = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status_code, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status_code = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Rendered here, inside the request context, so even a 500 carries
+            # the request id (Starlette's outermost handler runs after reset).
+            access_logger.exception("unhandled error", extra={"path": scope.get("path")})
+            if response_started:
+                raise
+            response = problem_response(
+                500,
+                "Internal server error",
+                "Something went wrong on our side. Quote the request id when reporting it.",
+                slug="internal",
+                instance=scope.get("path"),
+            )
+            await response(scope, receive, send_with_id)
+        finally:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            path = scope.get("path", "")
+            route = scope.get("route")
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            access_logger.log(
+                level,
+                "request",
+                extra={
+                    "method": scope.get("method"),
+                    "path": path,
+                    "route": getattr(route, "path", None),
+                    "status": status_code,
+                    "latency_ms": round(elapsed_ms, 2),
+                    "provider": scope.get("state", {}).get("provider"),
+                },
+            )
+            reset_request_id(token)
+
+
+class BodySizeLimitMiddleware:
+    """Refuses bodies above `max_bytes` with 413, by header and while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await self._reject(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes FastAPI's body parsing untouched
+                    # (anything else would be turned into a 400).
+                    raise HTTPException(413, self._detail())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _detail(self) -> str:
+        return f"The request body is larger than {self.max_bytes} bytes."
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(
+            413,
+            PayloadTooLargeError.title,
+            self._detail(),
+            slug=PayloadTooLargeError.slug,
+            instance=scope.get("path"),
+        )
+        await response(scope, receive, send)

@@ -1,0 +1,62 @@
+"""Domain records shared by the service and the repositories."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class StoryRecord:
+    """A stored story, with what it cost to make (for accounting later)."""
+
+    id: UUID
+    owner: str
+    title: str
+    paragraphs: tuple[str, ...]
+    prompt: str
+    age: int
+    length: str
+    language: str
+    provider: str
+    model: str
+    degraded: bool
+    illustration_url: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    generation_ms: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Position after the last story of a page: newest-first keyset pagination."""
+
+    created_at: datetime
+    id: UUID
+
+    def encode(self) -> str:
+        raw = f"{self.created_at.isoformat()}|{self.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> PageCursor:
+        """Raises ValueError for anything that is not a cursor this service made."""
+        try:
+            padded = token + "=" * (-len(token) % 4)
+            created, _, story_id = base64.urlsafe_b64decode(padded).decode().partition("|")
+            when = datetime.fromisoformat(created)
+            if when.tzinfo is None:
+                raise ValueError("cursor time has no zone")
+            return cls(created_at=when, id=UUID(story_id))
+        except (binascii.Error, UnicodeDecodeError, ValueError) as error:
+            raise ValueError("not a valid cursor") from error
+
+
+@dataclass(frozen=True, slots=True)
+class StoryPage:
+    items: tuple[StoryRecord, ...]
+    next_cursor: PageCursor | None

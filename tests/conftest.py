@@ -1,0 +1,109 @@
+"""Shared fixtures: real Redis and PostgreSQL, and the fake upstream servers.
+
+Tests that need Redis or PostgreSQL skip with the reason when the server does not
+answer on a developer's machine; under `CI=true` the same absence fails the run,
+so CI can never go green by skipping the real-dependency tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+pytest_plugins = ["tests.fakes.plugin"]
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_TEST_URL = os.environ.get(
+    "POSTGRES_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def _unavailable(what: str, url: str, error: BaseException) -> None:
+    reason = f"{what} not reachable at {url}: {error!r}"
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: real-dependency tests must run, not skip)")
+    pytest.skip(reason)
+
+
+async def _ping_redis(url: str) -> None:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a real Redis database reserved for tests (flushed around each test)."""
+    try:
+        asyncio.run(_ping_redis(REDIS_TEST_URL))
+    except Exception as error:  # any failure to answer means "not available"
+        _unavailable("Redis", REDIS_TEST_URL, error)
+    return REDIS_TEST_URL
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=2)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=2)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a scratch PostgreSQL database created for this test session."""
+    name = f"story_test_{secrets.token_hex(4)}"
+    try:
+        asyncio.run(_create_database(POSTGRES_TEST_URL, name))
+    except Exception as error:
+        _unavailable("PostgreSQL", POSTGRES_TEST_URL, error)
+    base, _, _ = POSTGRES_TEST_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_drop_database(POSTGRES_TEST_URL, name))
+
+
+@pytest.fixture
+async def clean_postgres(postgres_url: str) -> AsyncIterator[str]:
+    """The scratch database with every table emptied before the test."""
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "AND tablename <> 'schema_migrations'"
+        )
+        if tables:
+            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} CASCADE")
+    finally:
+        await conn.close()
+    yield postgres_url
