@@ -8,9 +8,11 @@ so CI can never go green by skipping the real-dependency tests.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -18,11 +20,21 @@ import redis.asyncio as aioredis
 
 pytest_plugins = ["tests.fakes.plugin"]
 
+T = TypeVar("T")
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
-POSTGRES_TEST_URL = os.environ.get(
-    "POSTGRES_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_TEST_URL = os.environ.get("POSTGRES_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Runs a coroutine to completion on a private thread and loop.
+
+    Session fixtures may be first requested from inside a running event loop
+    (an async test or fixture), where `asyncio.run` is not allowed.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()
 
 
 def _unavailable(what: str, url: str, error: BaseException) -> None:
@@ -44,7 +56,7 @@ async def _ping_redis(url: str) -> None:
 def redis_url() -> str:
     """URL of a real Redis database reserved for tests (flushed around each test)."""
     try:
-        asyncio.run(_ping_redis(REDIS_TEST_URL))
+        run_sync(lambda: _ping_redis(REDIS_TEST_URL))
     except Exception as error:  # any failure to answer means "not available"
         _unavailable("Redis", REDIS_TEST_URL, error)
     return REDIS_TEST_URL
@@ -82,20 +94,18 @@ def postgres_url() -> Iterator[str]:
     """URL of a scratch PostgreSQL database created for this test session."""
     name = f"story_test_{secrets.token_hex(4)}"
     try:
-        asyncio.run(_create_database(POSTGRES_TEST_URL, name))
+        run_sync(lambda: _create_database(POSTGRES_TEST_URL, name))
     except Exception as error:
         _unavailable("PostgreSQL", POSTGRES_TEST_URL, error)
     base, _, _ = POSTGRES_TEST_URL.rpartition("/")
     try:
         yield f"{base}/{name}"
     finally:
-        asyncio.run(_drop_database(POSTGRES_TEST_URL, name))
+        run_sync(lambda: _drop_database(POSTGRES_TEST_URL, name))
 
 
-@pytest.fixture
-async def clean_postgres(postgres_url: str) -> AsyncIterator[str]:
-    """The scratch database with every table emptied before the test."""
-    conn = await asyncpg.connect(postgres_url)
+async def _truncate_all(url: str) -> None:
+    conn = await asyncpg.connect(url)
     try:
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
@@ -106,4 +116,14 @@ async def clean_postgres(postgres_url: str) -> AsyncIterator[str]:
             await conn.execute(f"TRUNCATE {names} CASCADE")
     finally:
         await conn.close()
-    yield postgres_url
+
+
+@pytest.fixture
+def clean_postgres(postgres_url: str) -> str:
+    """The scratch database with every table emptied before the test.
+
+    Synchronous on purpose: parametrized fixtures reach it through
+    `request.getfixturevalue`, which cannot set up an async fixture.
+    """
+    run_sync(lambda: _truncate_all(postgres_url))
+    return postgres_url

@@ -80,5 +80,8 @@ def configure_logging(level: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # One line per upstream call at INFO is noise next to our own request log.
+    for name in ("httpx", "httpx2", "openai", "replicate"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # Our access log replaces uvicorn's (it knows the request id and the route).
     logging.getLogger("uvicorn.access").disabled = True

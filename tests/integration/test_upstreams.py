@@ -1,0 +1,209 @@
+"""Stories from the real SDKs talking HTTP to the fake OpenAI and Replicate servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.fakes.openai_fake import FakeOpenAI
+from tests.fakes.replicate_fake import FakeReplicate
+from tests.fakes.server import Fault
+from tests.support import STORY_BODY, make_settings, serve, uvicorn_process
+
+COMPLETIONS = "/v1/chat/completions"
+
+
+async def test_openai_writes_the_story_when_configured(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", openai_base_url=fake_openai.openai_base_url
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json={**STORY_BODY, "length": "medium"})
+
+    assert response.status_code == 201
+    story = response.json()
+    assert story["provider"] == "openai"
+    assert story["degraded"] is False
+    assert len(story["paragraphs"]) == 5
+    assert fake_openai.count(path=COMPLETIONS) == 1
+    sent = fake_openai.calls[-1]
+    assert sent.headers["authorization"] == "Bearer sk-test"
+    assert sent.json is not None
+    assert sent.json["model"] == "gpt-4o-mini"
+    assert sent.json["response_format"]["type"] == "json_schema"
+    assert "dragon" in json.dumps(sent.json["messages"])
+
+
+async def test_token_usage_and_provider_are_stored_in_postgres(
+    fake_openai: FakeOpenAI, clean_postgres: str
+) -> None:
+    settings = make_settings(
+        database_url=clean_postgres, openai_base_url=fake_openai.openai_base_url
+    )
+    async with serve(settings) as client:
+        story = (await client.post("/v1/stories", json=STORY_BODY)).json()
+
+    conn = await asyncpg.connect(clean_postgres)
+    try:
+        row = await conn.fetchrow("SELECT * FROM stories WHERE id = $1", story["id"])
+    finally:
+        await conn.close()
+    assert row is not None
+    assert row["provider"] == "openai"
+    assert row["model"] == "gpt-4o-mini"
+    assert row["owner"] == "anonymous"
+    assert row["prompt_tokens"] > 0
+    assert row["completion_tokens"] > 0
+    assert row["generation_ms"] >= 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.status(500),
+        Fault.status(401),
+        Fault.rate_limit("2"),
+        Fault.reset(),
+        Fault.malformed(),
+        Fault.bad_content(),
+    ],
+    ids=["500", "401", "429", "reset", "malformed", "bad_content"],
+)
+async def test_an_openai_failure_degrades_to_the_offline_story_never_a_500(
+    fake_openai: FakeOpenAI, tmp_path: Path, fault: Fault
+) -> None:
+    fake_openai.set_fault(fault, path=COMPLETIONS)
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", openai_base_url=fake_openai.openai_base_url
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json=STORY_BODY)
+
+    assert response.status_code == 201
+    assert response.json()["provider"] == "offline"
+    assert response.json()["degraded"] is True
+    assert fake_openai.count(path=COMPLETIONS) >= 1
+
+
+async def test_a_hanging_openai_ends_at_the_read_timeout_and_degrades(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.set_fault(Fault.hang(), path=COMPLETIONS)
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", openai_base_url=fake_openai.openai_base_url
+    )
+    settings.openai.read_timeout_seconds = 0.3
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json=STORY_BODY)
+
+    assert response.status_code == 201
+    assert response.json()["provider"] == "offline"
+
+
+async def test_replicate_text_model_is_the_second_rung(
+    fake_openai: FakeOpenAI, fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    fake_openai.set_fault(Fault.status(503), path=COMPLETIONS)
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db",
+        openai_base_url=fake_openai.openai_base_url,
+        replicate_base_url=fake_replicate.base_url,
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json={**STORY_BODY, "length": "long"})
+
+    story = response.json()
+    assert response.status_code == 201
+    assert story["provider"] == "replicate"
+    assert story["degraded"] is True
+    assert len(story["paragraphs"]) == 8
+    assert fake_replicate.created_count == 1
+
+
+async def test_replicate_alone_serves_undegraded(
+    fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", replicate_base_url=fake_replicate.base_url
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json=STORY_BODY)
+
+    assert response.json()["provider"] == "replicate"
+    assert response.json()["degraded"] is False
+
+
+async def test_illustrate_adds_the_image_models_picture(
+    fake_openai: FakeOpenAI, fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db",
+        openai_base_url=fake_openai.openai_base_url,
+        replicate_base_url=fake_replicate.base_url,
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json={**STORY_BODY, "illustrate": True})
+
+    story = response.json()
+    assert story["provider"] == "openai"
+    assert story["illustration"]["url"].startswith(fake_replicate.base_url + "/files/")
+    created = fake_replicate.predictions()
+    assert [p["model"] for p in created] == ["black-forest-labs/flux-schnell"]
+
+
+async def test_a_failed_illustration_is_dropped_not_fatal(
+    fake_openai: FakeOpenAI, fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    fake_replicate.set_fault(Fault.prediction_failed(), path="/v1/models/black-forest-labs")
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db",
+        openai_base_url=fake_openai.openai_base_url,
+        replicate_base_url=fake_replicate.base_url,
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json={**STORY_BODY, "illustrate": True})
+
+    assert response.status_code == 201
+    assert response.json()["illustration"] is None
+    assert response.json()["provider"] == "openai"
+
+
+def test_a_real_server_on_postgres_uses_openai_and_keeps_stories_across_restarts(
+    fake_openai: FakeOpenAI, clean_postgres: str
+) -> None:
+    import httpx
+
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": fake_openai.openai_base_url,
+        "DATABASE_URL": clean_postgres,
+    }
+    with uvicorn_process(env) as url:
+        created = httpx.post(f"{url}/v1/stories", json=STORY_BODY, timeout=10)
+    with uvicorn_process(env) as url:
+        fetched = httpx.get(f"{url}{created.headers['location']}", timeout=10)
+
+    assert created.status_code == 201
+    assert created.json()["provider"] == "openai"
+    assert fetched.status_code == 200
+    assert fetched.json() == created.json()
+
+
+def test_a_real_server_on_the_embedded_default_keeps_stories_across_restarts(
+    tmp_path: Path,
+) -> None:
+    import httpx
+
+    env = {"DATABASE_SQLITE_PATH": str(tmp_path / "stories.sqlite3")}
+    with uvicorn_process(env) as url:
+        created = httpx.post(f"{url}/v1/stories", json=STORY_BODY, timeout=10)
+    with uvicorn_process(env) as url:
+        fetched = httpx.get(f"{url}{created.headers['location']}", timeout=10)
+
+    assert created.json()["provider"] == "offline"
+    assert fetched.json() == created.json()
