@@ -8,11 +8,14 @@ reverse order, at shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -30,7 +33,8 @@ from app.providers.replicate import (
     ReplicateStoryProvider,
     build_client,
 )
-from app.services.stories import StoryService
+from app.services.cache import StoryCache
+from app.services.stories import IdempotencyPolicy, StoryService
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,24 @@ def open_redis(settings: Settings) -> aioredis.Redis | None:
     )
 
 
+async def _purge_expired_keys(repository: StoryRepository, every_seconds: float = 3600) -> None:
+    """Deletes expired Idempotency-Keys now and then; a failure waits for the next round."""
+    while True:
+        try:
+            purged = await repository.purge_expired_keys(datetime.now(UTC))
+            if purged:
+                logger.info("expired idempotency keys purged", extra={"count": purged})
+        except Exception as error:
+            logger.warning("idempotency key purge failed", extra={"error": repr(error)})
+        await asyncio.sleep(every_seconds)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     settings: Settings = app.state.settings
@@ -113,9 +135,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
                 ReplicatePredictions(client, settings.replicate.image_model, poll)
             )
 
-        stories = StoryService(
-            repository, providers, offline=OfflineStoryProvider(), illustrator=illustrator
+        cache = StoryCache(
+            redis,
+            ttl_seconds=settings.story_cache_ttl_seconds,
+            redis_budget_seconds=settings.redis.socket_timeout_ms / 1000,
         )
+        stories = StoryService(
+            repository,
+            providers,
+            offline=OfflineStoryProvider(),
+            illustrator=illustrator,
+            cache=cache,
+            idempotency=IdempotencyPolicy(
+                lock_seconds=settings.request_deadline_seconds + 30,
+                ttl_seconds=settings.idempotency_ttl_seconds,
+                wait_seconds=settings.idempotency_wait_seconds,
+            ),
+        )
+        purger = asyncio.create_task(_purge_expired_keys(repository), name="purge-keys")
+        stack.push_async_callback(_cancel, purger)
         state = AppState(settings=settings, repository=repository, redis=redis, stories=stories)
         app.state.app_state = state
         logger.info(

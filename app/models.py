@@ -57,6 +57,16 @@ class PageCursor:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyEntry:
+    """What an earlier request with the same Idempotency-Key left behind."""
+
+    fingerprint: str
+    state: str  # "pending" while its request runs, "done" once its story is stored
+    story_id: UUID | None
+    locked_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class StoryPage:
     items: tuple[StoryRecord, ...]
     next_cursor: PageCursor | None

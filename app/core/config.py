@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     request_deadline_seconds: float = Field(default=30.0, gt=0)
     # Owner recorded on stories until authentication lands.
     anonymous_principal: str = "anonymous"
+    # Idempotency-Key: how long keys are kept, how long a repeat waits for the first.
+    idempotency_ttl_seconds: float = Field(default=24 * 3600.0, ge=24 * 3600.0)
+    idempotency_wait_seconds: float = Field(default=10.0, ge=0)
+    # How long an upstream story is kept as a fallback for the same request.
+    story_cache_ttl_seconds: float = Field(default=24 * 3600.0, gt=0)
     # CORS is off unless origins are listed (comma-separated).
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

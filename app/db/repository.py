@@ -14,6 +14,7 @@ race.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from uuid import UUID
 import aiosqlite
 import asyncpg
 
-from app.models import PageCursor, StoryPage, StoryRecord
+from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
 
 # Any fixed 64-bit number, the same in every replica.
 _MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
@@ -45,7 +46,30 @@ class StoryRepository(Protocol):
 
     async def applied_migrations(self) -> list[str]: ...
 
-    async def add(self, story: StoryRecord) -> None: ...
+    async def add(self, story: StoryRecord, *, idempotency_key: str | None = None) -> None:
+        """Stores the story; with a key, marks that key done in the same transaction."""
+
+    async def claim_key(
+        self,
+        owner: str,
+        key: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        locked_until: datetime,
+        expires_at: datetime,
+    ) -> IdempotencyEntry | None:
+        """Claims an Idempotency-Key atomically across processes and replicas.
+
+        Returns None when this caller now holds the key (new, expired, or a
+        pending claim whose holder died, i.e. past `locked_until`, for the
+        same request); otherwise the entry an earlier request left.
+        """
+
+    async def release_key(self, owner: str, key: str) -> None:
+        """Drops a pending claim (its request failed), so a retry can run."""
+
+    async def purge_expired_keys(self, now: datetime) -> int: ...
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None: ...
 
@@ -59,6 +83,24 @@ class StoryRepository(Protocol):
         """One round trip; returns its duration in milliseconds."""
 
     async def close(self) -> None: ...
+
+
+_CLAIM_SQL = """
+INSERT INTO idempotency_keys AS k
+    (owner, key, fingerprint, state, story_id, locked_until, created_at, expires_at)
+VALUES ({p1}, {p2}, {p3}, 'pending', NULL, {p4}, {p5}, {p6})
+ON CONFLICT (owner, key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 'pending', story_id = NULL,
+    locked_until = excluded.locked_until, created_at = excluded.created_at,
+    expires_at = excluded.expires_at
+WHERE k.expires_at < excluded.created_at
+   OR (k.state = 'pending' AND k.locked_until < excluded.created_at
+       AND k.fingerprint = excluded.fingerprint)
+RETURNING owner
+"""
+_PG_CLAIM = _CLAIM_SQL.format(p1="$1", p2="$2", p3="$3", p4="$4", p5="$5", p6="$6")
+_SQLITE_CLAIM = _CLAIM_SQL.format(p1="?", p2="?", p3="?", p4="?", p5="?", p6="?")
+_ENTRY_COLUMNS = "fingerprint, state, story_id, locked_until"
 
 
 def _migrations(backend: str) -> list[tuple[str, str]]:
@@ -148,8 +190,64 @@ class PostgresStoryRepository:
         rows = await self._pool.fetch("SELECT version FROM schema_migrations ORDER BY version")
         return [row["version"] for row in rows]
 
-    async def add(self, story: StoryRecord) -> None:
+    async def add(self, story: StoryRecord, *, idempotency_key: str | None = None) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._insert(conn, story)
+            if idempotency_key is not None:
+                await conn.execute(
+                    "UPDATE idempotency_keys SET state = 'done', story_id = $3 "
+                    "WHERE owner = $1 AND key = $2",
+                    story.owner,
+                    idempotency_key,
+                    story.id,
+                )
+
+    async def claim_key(
+        self,
+        owner: str,
+        key: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        locked_until: datetime,
+        expires_at: datetime,
+    ) -> IdempotencyEntry | None:
+        claimed = await self._pool.fetchval(
+            _PG_CLAIM, owner, key, fingerprint, locked_until, now, expires_at
+        )
+        if claimed is not None:
+            return None
+        row = await self._pool.fetchrow(
+            f"SELECT {_ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
+            "WHERE owner = $1 AND key = $2",
+            owner,
+            key,
+        )
+        if row is None:  # released between our insert and this read: try again
+            return await self.claim_key(
+                owner, key, fingerprint, now=now, locked_until=locked_until, expires_at=expires_at
+            )
+        return IdempotencyEntry(
+            fingerprint=row["fingerprint"],
+            state=row["state"],
+            story_id=row["story_id"],
+            locked_until=row["locked_until"],
+        )
+
+    async def release_key(self, owner: str, key: str) -> None:
         await self._pool.execute(
+            "DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2 AND state = 'pending'",
+            owner,
+            key,
+        )
+
+    async def purge_expired_keys(self, now: datetime) -> int:
+        result = await self._pool.execute("DELETE FROM idempotency_keys WHERE expires_at < $1", now)
+        return int(result.split()[-1])
+
+    @staticmethod
+    async def _insert(conn: asyncpg.Connection, story: StoryRecord) -> None:
+        await conn.execute(
             f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
             "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             story.id,
@@ -255,6 +353,8 @@ class SqliteStoryRepository:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
+        # One connection is one transaction: writers take turns.
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStoryRepository:
@@ -264,6 +364,7 @@ class SqliteStoryRepository:
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=NORMAL")
         await conn.execute("PRAGMA busy_timeout=5000")
+        await conn.execute("PRAGMA foreign_keys=ON")
         return cls(conn)
 
     async def migrate(self) -> list[str]:
@@ -292,7 +393,74 @@ class SqliteStoryRepository:
         ) as cursor:
             return [row["version"] for row in await cursor.fetchall()]
 
-    async def add(self, story: StoryRecord) -> None:
+    async def add(self, story: StoryRecord, *, idempotency_key: str | None = None) -> None:
+        async with self._write_lock:
+            try:
+                await self._insert(story)
+                if idempotency_key is not None:
+                    await self._conn.execute(
+                        "UPDATE idempotency_keys SET state = 'done', story_id = ? "
+                        "WHERE owner = ? AND key = ?",
+                        (str(story.id), story.owner, idempotency_key),
+                    )
+                await self._conn.commit()
+            except BaseException:
+                await self._conn.rollback()
+                raise
+
+    async def claim_key(
+        self,
+        owner: str,
+        key: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        locked_until: datetime,
+        expires_at: datetime,
+    ) -> IdempotencyEntry | None:
+        async with self._write_lock:
+            async with self._conn.execute(
+                _SQLITE_CLAIM,
+                (owner, key, fingerprint, _iso(locked_until), _iso(now), _iso(expires_at)),
+            ) as cursor:
+                claimed = await cursor.fetchone()
+            await self._conn.commit()
+        if claimed is not None:
+            return None
+        async with self._conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
+            "WHERE owner = ? AND key = ?",
+            (owner, key),
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:  # released between our insert and this read: try again
+            return await self.claim_key(
+                owner, key, fingerprint, now=now, locked_until=locked_until, expires_at=expires_at
+            )
+        return IdempotencyEntry(
+            fingerprint=row["fingerprint"],
+            state=row["state"],
+            story_id=UUID(row["story_id"]) if row["story_id"] else None,
+            locked_until=datetime.fromisoformat(row["locked_until"]),
+        )
+
+    async def release_key(self, owner: str, key: str) -> None:
+        async with self._write_lock:
+            await self._conn.execute(
+                "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND state = 'pending'",
+                (owner, key),
+            )
+            await self._conn.commit()
+
+    async def purge_expired_keys(self, now: datetime) -> int:
+        async with self._write_lock:
+            cursor = await self._conn.execute(
+                "DELETE FROM idempotency_keys WHERE expires_at < ?", (_iso(now),)
+            )
+            await self._conn.commit()
+        return int(cursor.rowcount)
+
+    async def _insert(self, story: StoryRecord) -> None:
         await self._conn.execute(
             f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -315,7 +483,6 @@ class SqliteStoryRepository:
                 _iso(story.created_at),
             ),
         )
-        await self._conn.commit()
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
         async with self._conn.execute(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from app.dependencies import PrincipalDep, StoryServiceDep
 from app.schemas import CreateStory, Recommendations, StoryList, StoryOut
@@ -19,7 +19,7 @@ _PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
     "/stories",
     status_code=status.HTTP_201_CREATED,
     response_model=StoryOut,
-    responses={422: _PROBLEM, 503: _PROBLEM},
+    responses={409: _PROBLEM, 422: _PROBLEM, 503: _PROBLEM},
 )
 async def create_story(
     body: CreateStory,
@@ -27,10 +27,25 @@ async def create_story(
     response: Response,
     stories: StoryServiceDep,
     principal: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Repeat a request safely: the same key returns the first story.",
+        ),
+    ] = None,
 ) -> StoryOut:
-    story = await stories.create(principal, body.to_request(), illustrate=body.illustrate)
+    created = await stories.create(
+        principal, body.to_request(), illustrate=body.illustrate, idempotency_key=idempotency_key
+    )
+    story = created.story
     request.scope.setdefault("state", {})["provider"] = story.provider
     response.headers["Location"] = f"/v1/stories/{story.id}"
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return StoryOut.of(story)
 
 

@@ -1,23 +1,39 @@
 """StoryService: turns a story request into a stored story, whatever the upstreams do.
 
 The degradation ladder lives here: each configured provider is tried in order
-(OpenAI, then the Replicate text model), and the offline storyteller answers
-when none can. The story records which rung served it (`provider`) and whether
-that was a fallback (`degraded`). An illustration that fails is dropped; it
-never costs the child the story.
+(OpenAI, then the Replicate text model), then a cached story for the same
+request, then the offline storyteller. The story records which rung served it
+(`provider`) and whether that was a fallback (`degraded`). An illustration that
+fails is dropped; it never costs the child the story.
+
+Idempotency: a request carrying an `Idempotency-Key` first claims the key in the
+database (atomic across workers and replicas). The story is stored and the key
+marked done in one transaction, so a repeat gets the first story and no
+upstream is called twice. A repeat that arrives while the first request still
+runs waits for it (up to `IDEMPOTENCY_WAIT_SECONDS`, within its own deadline),
+then gets 409 with `Retry-After`. The same key with another body is a 422.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from app.db.repository import StoryRepository
-from app.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from app.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from app.models import PageCursor, StoryPage, StoryRecord
 from app.providers.base import (
     GeneratedStory,
@@ -27,8 +43,37 @@ from app.providers.base import (
     StoryRequest,
 )
 from app.providers.offline import OfflineStoryProvider
+from app.services.cache import StoryCache
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyPolicy:
+    # A pending claim older than this is taken to belong to a dead worker.
+    lock_seconds: float = 60.0
+    # Keys are remembered at least this long.
+    ttl_seconds: float = 24 * 3600.0
+    # How long a repeat waits for the first request before 409.
+    wait_seconds: float = 10.0
+    poll_seconds: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedStory:
+    story: StoryRecord
+    replayed: bool  # True when an earlier request with the same key made it
+
+
+def request_fingerprint(request: StoryRequest, illustrate: bool) -> str:
+    body = {
+        "prompt": request.prompt,
+        "age": request.age,
+        "length": request.length,
+        "language": request.language,
+        "illustrate": illustrate,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class StoryService:
@@ -39,18 +84,91 @@ class StoryService:
         *,
         offline: OfflineStoryProvider | None,
         illustrator: IllustrationProvider | None = None,
+        cache: StoryCache | None = None,
+        idempotency: IdempotencyPolicy | None = None,
     ) -> None:
         self._repository = repository
         self._providers = tuple(providers)
         self._offline = offline
         self._illustrator = illustrator
+        self._cache = cache
+        self._idempotency = idempotency or IdempotencyPolicy()
 
     @property
     def provider_names(self) -> list[str]:
         names = [p.name for p in self._providers]
         return [*names, "offline"] if self._offline else names
 
-    async def create(self, owner: str, request: StoryRequest, *, illustrate: bool) -> StoryRecord:
+    async def create(
+        self,
+        owner: str,
+        request: StoryRequest,
+        *,
+        illustrate: bool,
+        idempotency_key: str | None = None,
+    ) -> CreatedStory:
+        if idempotency_key is None:
+            return CreatedStory(await self._create_new(owner, request, illustrate, None), False)
+        policy = self._idempotency
+        fingerprint = request_fingerprint(request, illustrate)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + policy.wait_seconds
+        while True:
+            now = datetime.now(UTC)
+            entry = await self._repository.claim_key(
+                owner,
+                idempotency_key,
+                fingerprint,
+                now=now,
+                locked_until=now + timedelta(seconds=policy.lock_seconds),
+                expires_at=now + timedelta(seconds=policy.ttl_seconds),
+            )
+            if entry is None:
+                return CreatedStory(
+                    await self._create_claimed(owner, request, illustrate, idempotency_key), False
+                )
+            if entry.fingerprint != fingerprint:
+                raise InvalidRequestError(
+                    "This Idempotency-Key was used with a different request body.",
+                    errors=[
+                        {
+                            "field": "Idempotency-Key",
+                            "reason": "already used with a different request body",
+                        }
+                    ],
+                )
+            if entry.state == "done" and entry.story_id is not None:
+                story = await self._repository.get(entry.story_id, owner)
+                if story is not None:
+                    return CreatedStory(story, True)
+            if loop.time() >= give_up_at:
+                raise ConflictError(
+                    "A request with this Idempotency-Key is still being processed; "
+                    "repeat it shortly to get its result.",
+                    headers={"Retry-After": "1"},
+                )
+            await asyncio.sleep(policy.poll_seconds)
+
+    async def _create_claimed(
+        self, owner: str, request: StoryRequest, illustrate: bool, key: str
+    ) -> StoryRecord:
+        try:
+            return await self._create_new(owner, request, illustrate, key)
+        except BaseException:
+            # Free the key so the phone's retry can run; shielded, because a
+            # cancelled request must still release what it holds.
+            await asyncio.shield(self._release_quietly(owner, key))
+            raise
+
+    async def _release_quietly(self, owner: str, key: str) -> None:
+        try:
+            await self._repository.release_key(owner, key)
+        except Exception:
+            logger.warning("could not release idempotency key; it expires", exc_info=True)
+
+    async def _create_new(
+        self, owner: str, request: StoryRequest, illustrate: bool, idempotency_key: str | None
+    ) -> StoryRecord:
         started = time.perf_counter()
         story, degraded = await self._write(request)
         illustration_url = None
@@ -74,7 +192,7 @@ class StoryService:
             generation_ms=round((time.perf_counter() - started) * 1000),
             created_at=datetime.now(UTC),
         )
-        await self._repository.add(record)
+        await self._repository.add(record, idempotency_key=idempotency_key)
         logger.info(
             "story created",
             extra={"story_id": str(record.id), "provider": record.provider, "degraded": degraded},
@@ -84,12 +202,20 @@ class StoryService:
     async def _write(self, request: StoryRequest) -> tuple[GeneratedStory, bool]:
         for rung, provider in enumerate(self._providers):
             try:
-                return await provider.generate(request), rung > 0
+                story = await provider.generate(request)
             except ProviderError as error:
                 logger.warning(
                     "story provider failed; trying the next rung",
                     extra={"provider": provider.name, "error": str(error)},
                 )
+                continue
+            if self._cache is not None:
+                await self._cache.put(request, story)
+            return story, rung > 0
+        if self._cache is not None:
+            cached = await self._cache.get(request)
+            if cached is not None:
+                return cached, True
         if self._offline is not None:
             return self._offline.compose(request), True
         raise ServiceUnavailableError("No story provider can serve right now.", retry_after=30)
