@@ -20,19 +20,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.core.config import Settings
 from app.core.observability import configure_logging
+from app.core.resilience import CircuitBreaker, LoggingObserver, ResilienceObserver
+from app.core.state import BreakerStore
 from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
-from app.providers.base import IllustrationProvider, StoryProvider
 from app.providers.offline import OfflineStoryProvider
-from app.providers.openai import OpenAIStoryProvider
-from app.providers.replicate import (
-    ReplicateIllustrator,
-    ReplicatePredictions,
-    ReplicateStoryProvider,
-    build_client,
-)
+from app.providers.registry import build_upstreams
 from app.services.cache import StoryCache
 from app.services.stories import IdempotencyPolicy, StoryService
 
@@ -45,6 +43,8 @@ class AppState:
     repository: StoryRepository
     redis: aioredis.Redis | None
     stories: StoryService
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    breaker_store: BreakerStore | None = None
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
 
@@ -66,14 +66,15 @@ def open_redis(settings: Settings) -> aioredis.Redis | None:
     if settings.redis.url is None:
         return None
     cfg = settings.redis
-    # Millisecond budgets and no client-side retries: a silent Redis must cost
-    # a request milliseconds, never redis-py's default seconds.
+    # Millisecond budgets: a silent Redis must cost a request milliseconds, never
+    # redis-py's default seconds. One immediate retry on a *connection* error only:
+    # after a Redis restart the pooled sockets are dead, and the first use of each
+    # should reconnect rather than fail over; timeouts are never retried.
     return aioredis.Redis.from_url(
         cfg.url.get_secret_value() if cfg.url else "",
         socket_timeout=cfg.socket_timeout_ms / 1000,
         socket_connect_timeout=cfg.connect_timeout_ms / 1000,
-        retry_on_timeout=False,
-        retry=None,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         max_connections=cfg.max_connections,
         health_check_interval=0,
     )
@@ -116,24 +117,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             except Exception as error:  # readiness reports it; start anyway
                 logger.warning("redis did not answer at start", extra={"error": repr(error)})
 
-        providers: list[StoryProvider] = []
-        illustrator: IllustrationProvider | None = None
-        if settings.openai.configured:
-            openai_provider = OpenAIStoryProvider.from_settings(settings.openai)
-            stack.push_async_callback(openai_provider.close)
-            providers.append(openai_provider)
-        if settings.replicate.configured:
-            client = build_client(settings.replicate)
-            stack.push_async_callback(client._async_client.aclose)
-            poll = settings.replicate.poll_interval_seconds
-            providers.append(
-                ReplicateStoryProvider(
-                    ReplicatePredictions(client, settings.replicate.text_model, poll)
-                )
-            )
-            illustrator = ReplicateIllustrator(
-                ReplicatePredictions(client, settings.replicate.image_model, poll)
-            )
+        observer: ResilienceObserver = LoggingObserver()
+        upstreams = await build_upstreams(settings, redis, stack, observer=observer)
 
         cache = StoryCache(
             redis,
@@ -142,9 +127,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         )
         stories = StoryService(
             repository,
-            providers,
-            offline=OfflineStoryProvider(),
-            illustrator=illustrator,
+            upstreams.story_providers,
+            offline=OfflineStoryProvider() if settings.resilience.offline_fallback else None,
+            illustrator=upstreams.illustrator,
+            deadline_seconds=settings.request_deadline_seconds,
             cache=cache,
             idempotency=IdempotencyPolicy(
                 lock_seconds=settings.request_deadline_seconds + 30,
@@ -154,7 +140,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         )
         purger = asyncio.create_task(_purge_expired_keys(repository), name="purge-keys")
         stack.push_async_callback(_cancel, purger)
-        state = AppState(settings=settings, repository=repository, redis=redis, stories=stories)
+        state = AppState(
+            settings=settings,
+            repository=repository,
+            redis=redis,
+            stories=stories,
+            breakers=upstreams.breakers,
+            breaker_store=upstreams.breaker_store,
+        )
         app.state.app_state = state
         logger.info(
             "service started",

@@ -26,6 +26,7 @@ from app.core.config import (
     OpenAISettings,
     RedisSettings,
     ReplicateSettings,
+    ResilienceSettings,
     Settings,
 )
 from app.main import create_app
@@ -63,6 +64,13 @@ def make_settings(
         sqlite_path=sqlite_path or Path("data/test.sqlite3"),
     )
     redis = RedisSettings(_env_file=None, url=SecretStr(redis_url) if redis_url else None)
+    # Real policies with short waits, so tests exercise retries without sleeping seconds.
+    overrides.setdefault(
+        "resilience",
+        ResilienceSettings(
+            _env_file=None, retry_base_delay_seconds=0.01, retry_max_delay_seconds=0.05
+        ),
+    )
     return Settings(
         _env_file=None,
         app_env="test",

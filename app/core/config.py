@@ -10,6 +10,7 @@ Every variable is listed, with its default, in the README's configuration table.
 from __future__ import annotations
 
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,6 +92,42 @@ class RedisSettings(BaseSettings):
     max_connections: int = Field(default=50, ge=1)
 
 
+class ResilienceSettings(BaseSettings):
+    """Circuit breakers, retries and bulkheads around every upstream call."""
+
+    model_config = _group("RESILIENCE_")
+
+    # Seed defaults for external services: open after 3 failures, stay open 120 s.
+    breaker_failure_threshold: int = Field(default=3, ge=1)
+    breaker_recovery_seconds: float = Field(default=120.0, gt=0)
+    breaker_half_open_max_calls: int = Field(default=1, ge=1)
+    # Repeated openings lengthen the open time (x2, jittered) up to this cap.
+    breaker_max_recovery_seconds: float = Field(default=600.0, gt=0)
+    # Per-breaker changes, JSON: {"openai:chat": {"failure_threshold": 5}}.
+    breaker_overrides: dict[str, dict[str, float]] = Field(default_factory=dict)
+    retry_max_retries: int = Field(default=3, ge=0)
+    retry_base_delay_seconds: float = Field(default=1.0, ge=0)
+    retry_max_delay_seconds: float = Field(default=8.0, ge=0)
+    # An upstream asking us to wait longer than this gets no retry: we fall back.
+    retry_after_ceiling_seconds: float = Field(default=10.0, ge=0)
+    # Retries may be at most this share of recent first attempts, per upstream.
+    retry_budget_ratio: float = Field(default=0.2, ge=0)
+    bulkhead_max_concurrent: int = Field(default=64, ge=1)
+    bulkhead_max_wait_seconds: float = Field(default=0.5, ge=0)
+    # The last rung of the ladder; off, a request nothing can serve gets 503.
+    offline_fallback: bool = True
+
+    def breaker(self, name: str) -> dict[str, float]:
+        values: dict[str, float] = {
+            "failure_threshold": self.breaker_failure_threshold,
+            "recovery_timeout": self.breaker_recovery_seconds,
+            "half_open_max_calls": self.breaker_half_open_max_calls,
+            "max_recovery_timeout": self.breaker_max_recovery_seconds,
+        }
+        values.update(self.breaker_overrides.get(name, {}))
+        return values
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment."""
 
@@ -117,6 +154,14 @@ class Settings(BaseSettings):
     replicate: ReplicateSettings = Field(default_factory=ReplicateSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    # Operations (defined at the end of this module, hence the lambdas).
+    rate_limit: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
+    proxies: ProxySettings = Field(default_factory=lambda: ProxySettings())
+    health: HealthSettings = Field(default_factory=lambda: HealthSettings())
+    sentry: SentrySettings = Field(default_factory=lambda: SentrySettings())
+    maintenance: MaintenanceSettings = Field(default_factory=lambda: MaintenanceSettings())
+    shutdown: ShutdownSettings = Field(default_factory=lambda: ShutdownSettings())
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -132,3 +177,136 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
+
+
+# --- operations: rate limits, client addresses, health, Sentry, maintenance, shutdown ---
+
+
+def _limit_string(value: str) -> str:
+    """A `limits` rate string ("100/minute", "20/minute;200/hour"); refused at start if bad."""
+    from limits import parse_many
+
+    try:
+        parse_many(value)
+    except ValueError as error:
+        raise ValueError(f"not a rate limit ({error}); write e.g. 100/minute") from error
+    return value
+
+
+class RateLimitSettings(BaseSettings):
+    """Per-client request limits, counted per route (`RATE_LIMIT_*`)."""
+
+    model_config = _group("RATE_LIMIT_")
+
+    enabled: bool = True
+    # Applies to every API route without a limit of its own.
+    default: str = "100/minute"
+    # POST /v1/stories calls paid upstreams: tighter than reads.
+    create_story: str = "20/minute"
+    # More per-route limits, JSON: {"GET /v1/stories": "60/minute"} (method and path template).
+    routes: dict[str, str] = Field(default_factory=dict)
+    # Budget of one Redis round trip; past it this process counts in memory instead.
+    redis_budget_ms: int = Field(default=50, ge=1)
+    # After Redis failed, how long to count in memory before trying Redis again.
+    redis_retry_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("default", "create_story")
+    @classmethod
+    def _valid_limit(cls, value: str) -> str:
+        return _limit_string(value)
+
+    @field_validator("routes")
+    @classmethod
+    def _valid_routes(cls, value: dict[str, str]) -> dict[str, str]:
+        checked: dict[str, str] = {}
+        for route, limit in value.items():
+            method, _, path = route.strip().partition(" ")
+            if not method or not path.startswith("/"):
+                raise ValueError(f"route {route!r} must read 'METHOD /path/template'")
+            checked[f"{method.upper()} {path.strip()}"] = _limit_string(limit)
+        return checked
+
+    def route_limits(self) -> dict[str, str]:
+        """Limit string by "METHOD /path/template", settings-defined routes only."""
+        return {"POST /v1/stories": self.create_story, **self.routes}
+
+
+class ProxySettings(BaseSettings):
+    """Which direct peers may tell us the client address (`TRUSTED_PROXIES`)."""
+
+    model_config = _group("")
+
+    # Comma-separated IPs or CIDRs. Only from these peers are X-Forwarded-For and
+    # Forwarded believed; anyone else is keyed by its own address.
+    trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
+        default_factory=list
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            value = [ip_network(v, strict=False) if isinstance(v, str) else v for v in value]
+        return value
+
+
+class HealthSettings(BaseSettings):
+    """What `/health` and `/health/ready` check, and when system figures warn (`HEALTH_*`)."""
+
+    model_config = _group("HEALTH_")
+
+    # Each dependency check (Redis, database) gets this long; they run concurrently.
+    check_timeout_seconds: float = Field(default=0.5, gt=0, le=10)
+    cpu_warn_percent: float = Field(default=80.0, gt=0, le=100)
+    memory_warn_percent: float = Field(default=90.0, gt=0, le=100)
+    disk_warn_percent: float = Field(default=90.0, gt=0, le=100)
+    disk_path: Path = Path("/")
+    # psutil is sampled in the background this often; requests read the last sample.
+    sample_interval_seconds: float = Field(default=5.0, gt=0)
+    # A configured Redis that does not answer makes the instance unready.
+    redis_required: bool = True
+
+
+class SentrySettings(BaseSettings):
+    """Error reporting to Sentry, on when `SENTRY_DSN` is set (`SENTRY_*`)."""
+
+    model_config = _group("SENTRY_")
+
+    dsn: SecretStr | None = None
+    # Default: APP_ENV.
+    environment: str | None = None
+    # Default: story-service@<version>.
+    release: str | None = None
+    traces_sample_rate: float = Field(default=0.0, ge=0, le=1)
+
+
+class MaintenanceSettings(BaseSettings):
+    """Maintenance mode: API routes answer 503, health and metrics stay up (`MAINTENANCE_*`)."""
+
+    model_config = _group("MAINTENANCE_")
+
+    # On for this process; the Redis flag below turns it on for every replica.
+    mode: bool = False
+    retry_after_seconds: int = Field(default=300, ge=1)
+    redis_key: str = "story:maintenance"
+    # How often each process re-reads the Redis flag.
+    refresh_seconds: float = Field(default=2.0, gt=0)
+
+
+class ShutdownSettings(BaseSettings):
+    """What happens on SIGTERM before uvicorn's graceful shutdown (`SHUTDOWN_*`).
+
+    SHUTDOWN_GRACE_SECONDS (in-flight requests' time to finish) is read by `python -m app`.
+    """
+
+    model_config = _group("SHUTDOWN_")
+
+    # Keep accepting (and failing /health/ready) this long after SIGTERM, so load
+    # balancers without a preStop hook see the instance unready before it stops.
+    drain_delay_seconds: float = Field(default=0.0, ge=0, le=120)
+
+
+# Settings names the operations groups above before they exist; resolve them now.
+Settings.model_rebuild()

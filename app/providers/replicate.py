@@ -51,7 +51,7 @@ _LOST_CREATE_SKEW = timedelta(seconds=30)
 
 
 def map_replicate_error(error: Exception) -> ProviderError:
-    if isinstance(error, httpx.TimeoutException):
+    if isinstance(error, httpx.TimeoutException | TimeoutError):
         return ProviderTimeoutError(NAME, "no reply within the timeout")
     if isinstance(error, httpx.TransportError):
         return ProviderUnavailableError(NAME, f"connection failed: {error!r}")
@@ -90,19 +90,29 @@ def build_client(settings: ReplicateSettings) -> Client:
 class ReplicatePredictions:
     """Create-and-poll, with lost-create recovery and cancellation, for one model."""
 
-    def __init__(self, client: Client, model: str, poll_interval: float) -> None:
+    def __init__(
+        self, client: Client, model: str, poll_interval: float, create_timeout: float
+    ) -> None:
         self._client = client
         self.model = model
         self._poll_interval = poll_interval
+        self._create_timeout = create_timeout
 
     async def run(self, model_input: dict[str, Any]) -> Any:
         """Returns the finished prediction; raises ProviderError otherwise."""
         sent_at = datetime.now(UTC)
         try:
-            prediction = await self._client.predictions.async_create(
-                model=self.model, input=model_input
-            )
-        except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as error:
+            # The SDK sends creates with no timeout at all: bound it ourselves.
+            async with asyncio.timeout(self._create_timeout):
+                prediction = await self._client.predictions.async_create(
+                    model=self.model, input=model_input
+                )
+        except (
+            TimeoutError,
+            httpx.TimeoutException,
+            httpx.RemoteProtocolError,
+            httpx.ReadError,
+        ) as error:
             # The request went out; the prediction may exist and be billed.
             found = await self._find_lost(model_input, sent_at)
             if found is None:
@@ -112,14 +122,14 @@ class ReplicatePredictions:
                 extra={"prediction_id": found.id, "model": self.model},
             )
             prediction = found
-        except (httpx.HTTPError, ReplicateError) as error:
+        except (httpx.HTTPError, ReplicateError, ValueError) as error:
             raise map_replicate_error(error) from error
         return await self._poll(prediction)
 
     async def _find_lost(self, model_input: dict[str, Any], sent_at: datetime) -> Any | None:
         try:
             page = await self._client.predictions.async_list()
-        except (httpx.HTTPError, ReplicateError):
+        except (httpx.HTTPError, ReplicateError, ValueError):
             return None
         for candidate in page.results:
             created = _parse_time(getattr(candidate, "created_at", None))
@@ -138,7 +148,7 @@ class ReplicatePredictions:
                 await asyncio.sleep(self._poll_interval)
                 try:
                     prediction = await self._client.predictions.async_get(prediction.id)
-                except (httpx.HTTPError, ReplicateError) as error:
+                except (httpx.HTTPError, ReplicateError, ValueError) as error:
                     raise map_replicate_error(error) from error
         except asyncio.CancelledError:
             await self._cancel_quietly(prediction.id)

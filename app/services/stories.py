@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from app.core.resilience import ResilienceError, deadline_scope
 from app.db.repository import StoryRepository
 from app.errors import (
     ConflictError,
@@ -76,6 +77,16 @@ def request_fingerprint(request: StoryRequest, illustrate: bool) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _retry_after(failures: Sequence[Exception]) -> float:
+    """When to come back: the soonest time an upstream said it may serve again."""
+    waits = [
+        float(wait)
+        for error in failures
+        if isinstance(wait := getattr(error, "retry_after", None), int | float) and wait > 0
+    ]
+    return min(waits) if waits else 5.0
+
+
 class StoryService:
     def __init__(
         self,
@@ -86,7 +97,9 @@ class StoryService:
         illustrator: IllustrationProvider | None = None,
         cache: StoryCache | None = None,
         idempotency: IdempotencyPolicy | None = None,
+        deadline_seconds: float = 30.0,
     ) -> None:
+        self._deadline_seconds = deadline_seconds
         self._repository = repository
         self._providers = tuple(providers)
         self._offline = offline
@@ -170,10 +183,12 @@ class StoryService:
         self, owner: str, request: StoryRequest, illustrate: bool, idempotency_key: str | None
     ) -> StoryRecord:
         started = time.perf_counter()
-        story, degraded = await self._write(request)
-        illustration_url = None
-        if illustrate and self._illustrator is not None:
-            illustration_url = await self._illustrate(request, story)
+        # One deadline for the whole request; every upstream call below respects it.
+        with deadline_scope(self._deadline_seconds):
+            story, degraded = await self._write(request)
+            illustration_url = None
+            if illustrate and self._illustrator is not None:
+                illustration_url = await self._illustrate(request, story)
         record = StoryRecord(
             id=uuid.uuid4(),
             owner=owner,
@@ -200,13 +215,18 @@ class StoryService:
         return record
 
     async def _write(self, request: StoryRequest) -> tuple[GeneratedStory, bool]:
+        failures: list[Exception] = []
         for rung, provider in enumerate(self._providers):
             try:
                 story = await provider.generate(request)
-            except ProviderError as error:
+            except (ProviderError, ResilienceError) as error:
+                failures.append(error)
                 logger.warning(
                     "story provider failed; trying the next rung",
-                    extra={"provider": provider.name, "error": str(error)},
+                    extra={
+                        "provider": provider.name,
+                        "error": str(error) or type(error).__name__,
+                    },
                 )
                 continue
             if self._cache is not None:
@@ -218,13 +238,15 @@ class StoryService:
                 return cached, True
         if self._offline is not None:
             return self._offline.compose(request), True
-        raise ServiceUnavailableError("No story provider can serve right now.", retry_after=30)
+        raise ServiceUnavailableError(
+            "No story provider can serve right now.", retry_after=_retry_after(failures)
+        )
 
     async def _illustrate(self, request: StoryRequest, story: GeneratedStory) -> str | None:
         assert self._illustrator is not None
         try:
             illustration = await self._illustrator.illustrate(request, story)
-        except ProviderError as error:
+        except (ProviderError, ResilienceError) as error:
             logger.warning("illustration dropped", extra={"error": str(error)})
             return None
         return illustration.url

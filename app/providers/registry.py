@@ -1,0 +1,151 @@
+"""Builds the providers that have keys, each wrapped in its resilience guard.
+
+One breaker per upstream operation (`openai:chat`, `replicate:text`,
+`replicate:image`), one bulkhead per upstream (`openai`, `replicate`), one retry
+budget shared by all. Breaker state lives in Redis when it is configured (with
+an in-process fallback within the Redis budget), in-process otherwise.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from app.core.config import Settings
+from app.core.resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    ResilienceObserver,
+    RetryBudget,
+    RetryPolicy,
+)
+from app.core.state import (
+    BreakerStore,
+    FailoverBreakerStore,
+    InMemoryBreakerStore,
+    RedisBreakerStore,
+)
+from app.providers.base import IllustrationProvider, StoryProvider
+from app.providers.openai import OpenAIStoryProvider
+from app.providers.replicate import (
+    ReplicateIllustrator,
+    ReplicatePredictions,
+    ReplicateStoryProvider,
+    build_client,
+)
+from app.providers.resilient import (
+    Guard,
+    ResilientIllustrator,
+    ResilientStoryProvider,
+    UpstreamCallRecorder,
+    ignore_call,
+)
+
+BREAKER_NAMES = ("openai:chat", "replicate:text", "replicate:image")
+
+
+@dataclass
+class Upstreams:
+    story_providers: list[StoryProvider]
+    illustrator: IllustrationProvider | None
+    breakers: dict[str, CircuitBreaker]
+    breaker_store: BreakerStore
+    bulkheads: dict[str, Bulkhead] = field(default_factory=dict)
+
+
+def breaker_store_for(
+    settings: Settings, redis: aioredis.Redis | None, observer: ResilienceObserver
+) -> BreakerStore:
+    if redis is None:
+        return InMemoryBreakerStore()
+    return FailoverBreakerStore(
+        RedisBreakerStore(redis),
+        budget_seconds=settings.redis.socket_timeout_ms / 1000,
+        observer=observer,
+    )
+
+
+async def build_upstreams(
+    settings: Settings,
+    redis: aioredis.Redis | None,
+    stack: AsyncExitStack,
+    *,
+    observer: ResilienceObserver,
+    record_call: UpstreamCallRecorder = ignore_call,
+) -> Upstreams:
+    res = settings.resilience
+    store = breaker_store_for(settings, redis, observer)
+    breakers = {
+        name: CircuitBreaker(
+            name,
+            store,
+            failure_threshold=int(cfg["failure_threshold"]),
+            recovery_timeout=cfg["recovery_timeout"],
+            half_open_max_calls=int(cfg["half_open_max_calls"]),
+            max_recovery_timeout=cfg["max_recovery_timeout"],
+            observer=observer,
+        )
+        for name in BREAKER_NAMES
+        for cfg in [res.breaker(name)]
+    }
+    bulkheads = {
+        name: Bulkhead(
+            name,
+            res.bulkhead_max_concurrent,
+            res.bulkhead_max_wait_seconds,
+            observer=observer,
+        )
+        for name in ("openai", "replicate")
+    }
+    policy = RetryPolicy(
+        max_retries=res.retry_max_retries,
+        base_delay=res.retry_base_delay_seconds,
+        max_delay=res.retry_max_delay_seconds,
+        retry_after_ceiling=res.retry_after_ceiling_seconds,
+        budget=RetryBudget(ratio=res.retry_budget_ratio),
+        observer=observer,
+    )
+
+    def guard(provider: str, operation: str) -> Guard:
+        return Guard(
+            provider=provider,
+            operation=operation,
+            breaker=breakers[f"{provider}:{operation}"],
+            bulkhead=bulkheads[provider],
+            policy=policy,
+            record=record_call,
+        )
+
+    story_providers: list[StoryProvider] = []
+    illustrator: IllustrationProvider | None = None
+    if settings.openai.configured:
+        openai_provider = OpenAIStoryProvider.from_settings(settings.openai)
+        stack.push_async_callback(openai_provider.close)
+        story_providers.append(ResilientStoryProvider(openai_provider, guard("openai", "chat")))
+    if settings.replicate.configured:
+        rs = settings.replicate
+        client = build_client(rs)
+        stack.push_async_callback(client._async_client.aclose)
+
+        def predictions(model: str) -> ReplicatePredictions:
+            return ReplicatePredictions(
+                client, model, rs.poll_interval_seconds, rs.read_timeout_seconds
+            )
+
+        story_providers.append(
+            ResilientStoryProvider(
+                ReplicateStoryProvider(predictions(rs.text_model)), guard("replicate", "text")
+            )
+        )
+        illustrator = ResilientIllustrator(
+            ReplicateIllustrator(predictions(rs.image_model)), guard("replicate", "image")
+        )
+    return Upstreams(
+        story_providers=story_providers,
+        illustrator=illustrator,
+        breakers=breakers,
+        breaker_store=store,
+        bulkheads=bulkheads,
+    )
