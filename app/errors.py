@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from app.core.observability import current_request_id
+from app.db.repository import StorageUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _storage_unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning("storage unavailable", extra={"error": str(exc)})
+    return problem_response(
+        503,
+        ServiceUnavailableError.title,
+        "Stories cannot be read or saved right now; nothing was changed. Try again shortly.",
+        slug="storage-unavailable",
+        instance=request.url.path,
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
@@ -179,4 +192,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StorageUnavailableError, _storage_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)

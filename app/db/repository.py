@@ -15,19 +15,65 @@ race.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 import aiosqlite
 import asyncpg
 
 from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
+
+
+class StorageUnavailableError(Exception):
+    """The store did not answer (down, unreachable, timed out): nothing was changed."""
+
+
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # includes "cannot connect now" (starting up)
+    asyncpg.InterfaceError,  # connection lost or closed under us
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout
+    sqlite3.OperationalError,
+    OSError,
+    TimeoutError,
+)
+
+C = TypeVar("C", bound=type)
+
+
+def _storage_errors(cls: C) -> C:
+    """Turns every public coroutine method's outage errors into StorageUnavailableError.
+
+    Constraint violations and bugs pass through unchanged: only "the store did not
+    answer" becomes a 503 for the caller.
+    """
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(method):
+            continue
+
+        def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(fn)
+            async def translated(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await fn(*args, **kwargs)
+                except _STORAGE_ERRORS as error:
+                    raise StorageUnavailableError(
+                        f"{cls.__name__}.{fn.__name__}: {error!r}"
+                    ) from error
+
+            return translated
+
+        setattr(cls, name, wrap(method))
+    return cls
+
 
 # Any fixed 64-bit number, the same in every replica.
 _MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
@@ -144,6 +190,7 @@ def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
     )
 
 
+@_storage_errors
 class PostgresStoryRepository:
     backend = "postgres"
 
@@ -346,6 +393,7 @@ def _record_from_sqlite(row: Any) -> StoryRecord:
     )
 
 
+@_storage_errors
 class SqliteStoryRepository:
     """The embedded default: one WAL-mode SQLite file, one connection, no server."""
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from app.core.resilience import ResilienceError, deadline_scope
+from app.core.resilience import ResilienceError, deadline_scope, graceful_degradation
 from app.db.repository import StoryRepository
 from app.errors import (
     ConflictError,
@@ -75,6 +75,10 @@ def request_fingerprint(request: StoryRequest, illustrate: bool) -> str:
         "illustrate": illustrate,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _no_stories() -> list[StoryRecord]:
+    return []
 
 
 def _retry_after(failures: Sequence[Exception]) -> float:
@@ -269,10 +273,7 @@ class StoryService:
                 ) from None
         return await self._repository.list_page(owner, limit, after)
 
+    @graceful_degradation(fallback_value=_no_stories, name="recommendations")
     async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
-        try:
-            return await self._repository.recommend(owner, age, limit)
-        except Exception:
-            # Recommendations are a nicety: an empty list beats an error screen.
-            logger.warning("recommendations degraded to an empty list", exc_info=True)
-            return []
+        """Recommendations are a nicety: an empty list beats an error screen."""
+        return await self._repository.recommend(owner, age, limit)
