@@ -54,7 +54,11 @@ async def _ping_redis(url: str) -> None:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """URL of a real Redis database reserved for tests (flushed around each test)."""
+    """URL of a real Redis database reserved for tests (flushed around each test).
+
+    Two test runs at once against the same Redis database disturb each other
+    (each flushes it): give a second run its own `REDIS_TEST_URL` (e.g. /14).
+    """
     try:
         run_sync(lambda: _ping_redis(REDIS_TEST_URL))
     except Exception as error:  # any failure to answer means "not available"

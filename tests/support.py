@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from app.core.config import (
     DatabaseSettings,
     OpenAISettings,
+    RateLimitSettings,
     RedisSettings,
     ReplicateSettings,
     ResilienceSettings,
@@ -70,6 +71,12 @@ def make_settings(
         ResilienceSettings(
             _env_file=None, retry_base_delay_seconds=0.01, retry_max_delay_seconds=0.05
         ),
+    )
+    # Generous limits unless a test is about rate limiting: a test's own burst of
+    # requests must not be refused by the limiter it is not testing.
+    overrides.setdefault(
+        "rate_limit",
+        RateLimitSettings(_env_file=None, default="100000/minute", create_story="100000/minute"),
     )
     return Settings(
         _env_file=None,

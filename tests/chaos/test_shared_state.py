@@ -35,6 +35,7 @@ def server_env(
         "RESILIENCE_RETRY_BASE_DELAY_SECONDS": "0.01",
         "RESILIENCE_RETRY_MAX_DELAY_SECONDS": "0.05",
         "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT_CREATE_STORY": "10000/minute",
     }
     env.update(extra)
     return env

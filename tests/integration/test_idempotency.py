@@ -194,6 +194,7 @@ def test_two_server_processes_on_one_database_share_keys(
         "OPENAI_API_KEY": "sk-test",
         "OPENAI_BASE_URL": fake_openai.openai_base_url,
         "DATABASE_URL": clean_postgres,
+        "RATE_LIMIT_CREATE_STORY": "10000/minute",
     }
     headers = {"Idempotency-Key": "two-replicas"}
 
