@@ -17,10 +17,10 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 
 install: $(BIN)/.installed
 
-# The server on the embedded defaults (SQLite file, in-process state, offline
+# The server (started the way the container starts it) on the embedded defaults (SQLite file, in-process state, offline
 # storyteller) unless DATABASE_URL / REDIS_URL / provider keys are set.
 run: install
-	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app
 
 # Unit, integration and chaos tests. Tests needing Redis (127.0.0.1:6379) or
 # PostgreSQL (127.0.0.1:5432) skip with the reason when those are absent,
