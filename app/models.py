@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 
@@ -51,8 +51,10 @@ class PageCursor:
             when = datetime.fromisoformat(created)
             if when.tzinfo is None:
                 raise ValueError("cursor time has no zone")
+            # Normalised here, so an extreme offset fails now, not in the database.
+            when = when.astimezone(UTC)
             return cls(created_at=when, id=UUID(story_id))
-        except (binascii.Error, UnicodeDecodeError, ValueError) as error:
+        except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as error:
             raise ValueError("not a valid cursor") from error
 
 

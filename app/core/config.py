@@ -53,6 +53,8 @@ class ReplicateSettings(BaseSettings):
     text_model: str = "meta/meta-llama-3-8b-instruct"
     image_model: str = "black-forest-labs/flux-schnell"
     poll_interval_seconds: float = Field(default=0.5, gt=0)
+    # A prediction not finished by then is cancelled and counts as a failure.
+    prediction_timeout_seconds: float = Field(default=25.0, gt=0)
     connect_timeout_seconds: float = Field(default=3.0, gt=0)
     read_timeout_seconds: float = Field(default=20.0, gt=0)
     max_connections: int = Field(default=50, ge=1)
@@ -116,6 +118,38 @@ class ResilienceSettings(BaseSettings):
     bulkhead_max_wait_seconds: float = Field(default=0.5, ge=0)
     # The last rung of the ladder; off, a request nothing can serve gets 503.
     offline_fallback: bool = True
+
+    @field_validator("breaker_overrides")
+    @classmethod
+    def _known_breakers_and_fields(
+        cls, value: dict[str, dict[str, float]]
+    ) -> dict[str, dict[str, float]]:
+        names = {"openai:chat", "replicate:text", "replicate:image"}
+        fields = {"failure_threshold", "recovery_timeout", "half_open_max_calls"}
+        fields |= {"max_recovery_timeout"}
+        for name, changes in value.items():
+            if name not in names:
+                raise ValueError(f"unknown breaker {name!r}; known: {', '.join(sorted(names))}")
+            unknown = set(changes) - fields
+            if unknown:
+                raise ValueError(
+                    f"unknown setting(s) {', '.join(sorted(unknown))} for breaker {name!r}; "
+                    f"known: {', '.join(sorted(fields))}"
+                )
+            if any(v <= 0 for v in changes.values()):
+                raise ValueError(f"breaker {name!r}: every value must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _recovery_within_cap(self) -> ResilienceSettings:
+        for name in ("openai:chat", "replicate:text", "replicate:image"):
+            cfg = self.breaker(name)
+            if cfg["recovery_timeout"] > cfg["max_recovery_timeout"]:
+                raise ValueError(
+                    f"breaker {name!r}: recovery time {cfg['recovery_timeout']:g} s exceeds "
+                    f"RESILIENCE_BREAKER_MAX_RECOVERY_SECONDS ({cfg['max_recovery_timeout']:g} s)"
+                )
+        return self
 
     def breaker(self, name: str) -> dict[str, float]:
         values: dict[str, float] = {
@@ -267,6 +301,9 @@ class HealthSettings(BaseSettings):
     sample_interval_seconds: float = Field(default=5.0, gt=0)
     # A configured Redis that does not answer makes the instance unready.
     redis_required: bool = True
+    # Concurrent health requests share one round of dependency checks, and its result
+    # is reused this long (probe storms cost one round per interval, never a pool).
+    cache_seconds: float = Field(default=1.0, ge=0, le=60)
 
 
 class SentrySettings(BaseSettings):

@@ -37,8 +37,15 @@ class StorageUnavailableError(Exception):
     """The store did not answer (down, unreachable, timed out): nothing was changed."""
 
 
+class ClaimLostError(Exception):
+    """The Idempotency-Key this request held was taken over; its story was not stored."""
+
+
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,  # includes "cannot connect now" (starting up)
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up
+    asyncpg.exceptions.OperatorInterventionError,  # 57P01/57P02: shutting down, crashed
+    asyncpg.exceptions.InsufficientResourcesError,  # 53300: too many connections
     asyncpg.InterfaceError,  # connection lost or closed under us
     asyncpg.exceptions.QueryCanceledError,  # statement_timeout
     sqlite3.OperationalError,
@@ -50,10 +57,12 @@ C = TypeVar("C", bound=type)
 
 
 def _storage_errors(cls: C) -> C:
-    """Turns every public coroutine method's outage errors into StorageUnavailableError.
+    """Bounds every public coroutine method by the instance's `operation_timeout`
+    and turns outage errors into StorageUnavailableError.
 
-    Constraint violations and bugs pass through unchanged: only "the store did not
-    answer" becomes a 503 for the caller.
+    The bound covers waiting for a pooled connection too (asyncpg's pool methods
+    wait for one without limit). Constraint violations and bugs pass through
+    unchanged: only "the store did not answer" becomes a 503 for the caller.
     """
     for name, method in list(vars(cls).items()):
         if name.startswith("_") or not inspect.iscoroutinefunction(method):
@@ -63,7 +72,8 @@ def _storage_errors(cls: C) -> C:
             @functools.wraps(fn)
             async def translated(*args: Any, **kwargs: Any) -> Any:
                 try:
-                    return await fn(*args, **kwargs)
+                    async with asyncio.timeout(getattr(args[0], "operation_timeout", None)):
+                        return await fn(*args, **kwargs)
                 except _STORAGE_ERRORS as error:
                     raise StorageUnavailableError(
                         f"{cls.__name__}.{fn.__name__}: {error!r}"
@@ -92,8 +102,18 @@ class StoryRepository(Protocol):
 
     async def applied_migrations(self) -> list[str]: ...
 
-    async def add(self, story: StoryRecord, *, idempotency_key: str | None = None) -> None:
-        """Stores the story; with a key, marks that key done in the same transaction."""
+    async def add(
+        self,
+        story: StoryRecord,
+        *,
+        idempotency_key: str | None = None,
+        claimed_until: datetime | None = None,
+    ) -> None:
+        """Stores the story; with a key, marks that key done in the same transaction.
+
+        `claimed_until` is the `locked_until` of this request's claim: if the key
+        was taken over since (a newer claim), nothing is stored (ClaimLostError).
+        """
 
     async def claim_key(
         self,
@@ -194,8 +214,9 @@ def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
 class PostgresStoryRepository:
     backend = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, operation_timeout: float | None = None) -> None:
         self._pool = pool
+        self.operation_timeout = operation_timeout
 
     @classmethod
     async def connect(
@@ -214,7 +235,7 @@ class PostgresStoryRepository:
             command_timeout=command_timeout,
             timeout=connect_timeout,
         )
-        return cls(pool)
+        return cls(pool, operation_timeout=connect_timeout + command_timeout)
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -237,17 +258,26 @@ class PostgresStoryRepository:
         rows = await self._pool.fetch("SELECT version FROM schema_migrations ORDER BY version")
         return [row["version"] for row in rows]
 
-    async def add(self, story: StoryRecord, *, idempotency_key: str | None = None) -> None:
+    async def add(
+        self,
+        story: StoryRecord,
+        *,
+        idempotency_key: str | None = None,
+        claimed_until: datetime | None = None,
+    ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._insert(conn, story)
             if idempotency_key is not None:
-                await conn.execute(
+                status = await conn.execute(
                     "UPDATE idempotency_keys SET state = 'done', story_id = $3 "
-                    "WHERE owner = $1 AND key = $2",
+                    "WHERE owner = $1 AND key = $2 AND state = 'pending' AND locked_until = $4",
                     story.owner,
                     idempotency_key,
                     story.id,
+                    claimed_until,
                 )
+                if status != "UPDATE 1":
+                    raise ClaimLostError(idempotency_key)  # rolls the story back
 
     async def claim_key(
         self,
@@ -399,8 +429,9 @@ class SqliteStoryRepository:
 
     backend = "sqlite"
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, *, operation_timeout: float = 10.0) -> None:
         self._conn = conn
+        self.operation_timeout = operation_timeout
         # One connection is one transaction: writers take turns.
         self._write_lock = asyncio.Lock()
 
@@ -441,16 +472,29 @@ class SqliteStoryRepository:
         ) as cursor:
             return [row["version"] for row in await cursor.fetchall()]
 
-    async def add(self, story: StoryRecord, *, idempotency_key: str | None = None) -> None:
+    async def add(
+        self,
+        story: StoryRecord,
+        *,
+        idempotency_key: str | None = None,
+        claimed_until: datetime | None = None,
+    ) -> None:
         async with self._write_lock:
             try:
                 await self._insert(story)
                 if idempotency_key is not None:
-                    await self._conn.execute(
+                    cursor = await self._conn.execute(
                         "UPDATE idempotency_keys SET state = 'done', story_id = ? "
-                        "WHERE owner = ? AND key = ?",
-                        (str(story.id), story.owner, idempotency_key),
+                        "WHERE owner = ? AND key = ? AND state = 'pending' AND locked_until = ?",
+                        (
+                            str(story.id),
+                            story.owner,
+                            idempotency_key,
+                            _iso(claimed_until) if claimed_until else None,
+                        ),
                     )
+                    if cursor.rowcount != 1:
+                        raise ClaimLostError(idempotency_key)
                 await self._conn.commit()
             except BaseException:
                 await self._conn.rollback()

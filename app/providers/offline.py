@@ -128,7 +128,76 @@ _DE = _Templates(
     ),
 )
 
-_BY_LANGUAGE = {"en": _EN, "es": _ES, "fr": _FR, "de": _DE}
+_IT = _Templates(
+    title=("{hero} e {topic}", "Una piccola storia su {topic}"),
+    heroes=("Mila la volpe", "Tommaso la tartaruga", "Pip il passerotto", "Luna la gattina"),
+    places=("una valle tranquilla", "una casa vicino al mare", "il limitare di un bosco"),
+    opening=(
+        "C'era una volta, in {place}, {hero}, che sognava {topic}.",
+        "In {place}, quando spuntavano le stelle, {hero} pensava ancora a {topic}.",
+    ),
+    middle=(
+        "Una mattina {hero} decise di scoprire di più su {topic} e partì con un gran sorriso.",
+        "Lungo la strada, un vecchio gufo disse: 'Ogni domanda è l'inizio di un'avventura.'",
+        "La strada era lunga, ma {hero} cantava, e ogni passo sembrava più leggero.",
+        "Quando il vento si fece freddo, {hero} divise la sciarpa con un amico.",
+        "Insieme contarono le nuvole a forma di {topic}, ridendo tanto.",
+        "Dall'alto di una collina, {hero} vide il mondo intero brillare piano.",
+        "{hero} capì che {topic} è ancora più bello quando lo si condivide.",
+    ),
+    closing=(
+        "Poi {hero} tornò a casa, si rannicchiò nel letto e sognò {topic}. Buonanotte.",
+        "E quando la luna salì su {place}, {hero} chiuse gli occhi, felice. Fine.",
+    ),
+)
+
+_PT = _Templates(
+    title=("{hero} e {topic}", "Uma pequena história sobre {topic}"),
+    heroes=("Mila a raposinha", "Tomás a tartaruga", "Pip o pardal", "Luna a gatinha"),
+    places=("um vale tranquilo", "uma casa perto do mar", "a beira de uma floresta"),
+    opening=(
+        "Era uma vez, em {place}, {hero}, que sonhava com {topic}.",
+        "Em {place}, quando as estrelas apareciam, {hero} ainda pensava em {topic}.",
+    ),
+    middle=(
+        "Certa manhã, {hero} decidiu saber mais sobre {topic} e partiu com um grande sorriso.",
+        "No caminho, uma coruja sábia disse: 'Cada pergunta é o começo de uma aventura.'",
+        "O caminho era longo, mas {hero} cantava, e cada passo ficava mais leve.",
+        "Quando o vento esfriou, {hero} dividiu o cachecol com um amigo.",
+        "Juntos contaram nuvens com forma de {topic} e riram muito.",
+        "Do alto de uma colina, {hero} viu o mundo inteiro brilhar de mansinho.",
+        "{hero} aprendeu que {topic} é ainda mais bonito quando é partilhado.",
+    ),
+    closing=(
+        "Depois {hero} voltou para casa, aconchegou-se na cama e sonhou com {topic}. Boa noite.",
+        "E quando a lua subiu sobre {place}, {hero} fechou os olhos, feliz. Fim.",
+    ),
+)
+
+_NL = _Templates(
+    title=("{hero} en {topic}", "Een klein verhaal over {topic}"),
+    heroes=("Mila de vos", "Tomas de schildpad", "Pip de mus", "Luna het katje"),
+    places=("een stille vallei", "een huis aan zee", "de rand van een slaperig bos"),
+    opening=(
+        "Er was eens, in {place}, {hero}, die droomde van {topic}.",
+        "In {place}, toen de sterren opkwamen, dacht {hero} nog aan {topic}.",
+    ),
+    middle=(
+        "Op een ochtend wilde {hero} meer weten over {topic} en ging vrolijk op pad.",
+        "Onderweg zei een wijze uil: 'Elke vraag is het begin van een avontuur.'",
+        "De weg was lang, maar {hero} zong een liedje, en elke stap werd lichter.",
+        "Toen de wind koud werd, deelde {hero} de sjaal met een vriendje.",
+        "Samen telden ze wolken in de vorm van {topic} en lachten heel hard.",
+        "Vanaf een heuvel zag {hero} de hele wereld zachtjes glanzen.",
+        "{hero} leerde dat {topic} nog mooier is als je het deelt.",
+    ),
+    closing=(
+        "Toen ging {hero} naar huis, kroop in bed en droomde van {topic}. Slaap lekker.",
+        "En toen de maan boven {place} opkwam, sloot {hero} blij de ogen. Einde.",
+    ),
+)
+
+_BY_LANGUAGE = {"en": _EN, "es": _ES, "fr": _FR, "de": _DE, "it": _IT, "pt": _PT, "nl": _NL}
 
 
 def _topic(prompt: str) -> str:

@@ -125,20 +125,26 @@ class OpenAIStoryProvider:
             raise map_openai_error(error) from error
         except ValueError as error:  # a body that is not JSON at all
             raise ProviderResponseError(NAME, f"unusable reply: {error}") from error
-        if not completion.choices:
-            raise ProviderResponseError(NAME, "reply has no choices")
-        draft = parse_story(NAME, completion.choices[0].message.content)
-        usage = completion.usage
-        return GeneratedStory(
-            title=draft.title,
-            paragraphs=tuple(draft.paragraphs),
-            provider=NAME,
-            model=completion.model or self.model,
-            usage=Usage(
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-            ),
-        )
+        # The SDK does not validate the reply's shape: valid JSON of the wrong
+        # shape surfaces here as attribute/type errors, an upstream error like any.
+        try:
+            if not completion.choices:
+                raise ProviderResponseError(NAME, "reply has no choices")
+            draft = parse_story(NAME, completion.choices[0].message.content)
+            usage = completion.usage
+            story = GeneratedStory(
+                title=draft.title,
+                paragraphs=tuple(draft.paragraphs),
+                provider=NAME,
+                model=str(completion.model or self.model),
+                usage=Usage(
+                    prompt_tokens=int(usage.prompt_tokens) if usage else 0,
+                    completion_tokens=int(usage.completion_tokens) if usage else 0,
+                ),
+            )
+        except (AttributeError, TypeError, IndexError, KeyError, ValueError) as error:
+            raise ProviderResponseError(NAME, f"reply of an unexpected shape: {error!r}") from error
+        return story
 
     async def close(self) -> None:
         await self._client.close()

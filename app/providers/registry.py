@@ -131,7 +131,11 @@ async def build_upstreams(
 
         def predictions(model: str) -> ReplicatePredictions:
             return ReplicatePredictions(
-                client, model, rs.poll_interval_seconds, rs.read_timeout_seconds
+                client,
+                model,
+                poll_interval=rs.poll_interval_seconds,
+                create_timeout=rs.read_timeout_seconds,
+                prediction_timeout=rs.prediction_timeout_seconds,
             )
 
         story_providers.append(

@@ -91,12 +91,19 @@ class ReplicatePredictions:
     """Create-and-poll, with lost-create recovery and cancellation, for one model."""
 
     def __init__(
-        self, client: Client, model: str, poll_interval: float, create_timeout: float
+        self,
+        client: Client,
+        model: str,
+        *,
+        poll_interval: float,
+        create_timeout: float,
+        prediction_timeout: float,
     ) -> None:
         self._client = client
         self.model = model
         self._poll_interval = poll_interval
         self._create_timeout = create_timeout
+        self._prediction_timeout = prediction_timeout
 
     async def run(self, model_input: dict[str, Any]) -> Any:
         """Returns the finished prediction; raises ProviderError otherwise."""
@@ -116,15 +123,20 @@ class ReplicatePredictions:
             # The request went out; the prediction may exist and be billed.
             found = await self._find_lost(model_input, sent_at)
             if found is None:
-                raise map_replicate_error(error) from error
+                # Not found (or the list failed): it may still exist. Never
+                # create a second one blindly; this rung gives up instead.
+                raise ProviderTimeoutError(
+                    NAME, f"create reply lost ({error!r}); not repeated", safe_to_repeat=False
+                ) from error
             logger.warning(
                 "replicate create reply lost; polling the prediction found upstream",
                 extra={"prediction_id": found.id, "model": self.model},
             )
             prediction = found
         except (httpx.HTTPError, ReplicateError, ValueError) as error:
+            # Refused before it was created (connect error, 4xx/5xx reply): safe to repeat.
             raise map_replicate_error(error) from error
-        return await self._poll(prediction)
+        return await self._finish(prediction)
 
     async def _find_lost(self, model_input: dict[str, Any], sent_at: datetime) -> Any | None:
         try:
@@ -142,21 +154,49 @@ class ReplicatePredictions:
                 return candidate
         return None
 
-    async def _poll(self, prediction: Any) -> Any:
+    async def _finish(self, prediction: Any) -> Any:
+        """Polls a created prediction to its end, within the prediction timeout.
+
+        Everything after the create is about one billed prediction: its errors are
+        never retried by creating another. A prediction we stop waiting for (time
+        out, cancelled by the caller's deadline, poll refused) is cancelled upstream.
+        """
+        prediction_id = prediction.id
+        finished = prediction
         try:
-            while prediction.status not in _TERMINAL:
-                await asyncio.sleep(self._poll_interval)
-                try:
-                    prediction = await self._client.predictions.async_get(prediction.id)
-                except (httpx.HTTPError, ReplicateError, ValueError) as error:
-                    raise map_replicate_error(error) from error
-        except asyncio.CancelledError:
-            await self._cancel_quietly(prediction.id)
-            raise
-        if prediction.status != "succeeded":
-            raise ProviderUnavailableError(
-                NAME, f"prediction {prediction.id} {prediction.status}: {prediction.error}"
+            async with asyncio.timeout(self._prediction_timeout):
+                finished = await self._poll(prediction)
+        except TimeoutError as error:
+            raise ProviderTimeoutError(
+                NAME,
+                f"prediction {prediction_id} unfinished after {self._prediction_timeout:g} s",
+                safe_to_repeat=False,
+            ) from error
+        finally:
+            if getattr(finished, "status", None) not in _TERMINAL:
+                await self._cancel_quietly(prediction_id)
+        if finished.status != "succeeded":
+            failed = ProviderUnavailableError(
+                NAME, f"prediction {prediction_id} {finished.status}: {finished.error}"
             )
+            failed.retryable = False  # a new prediction would be billed again
+            raise failed
+        return finished
+
+    async def _poll(self, prediction: Any) -> Any:
+        while prediction.status not in _TERMINAL:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                prediction = await self._client.predictions.async_get(prediction.id)
+            except (httpx.HTTPError, ReplicateError, ValueError) as error:
+                mapped = map_replicate_error(error)
+                if not mapped.retryable:
+                    raise mapped from error
+                # A GET is safe to repeat: keep polling the same prediction.
+                logger.warning(
+                    "replicate poll failed; polling again",
+                    extra={"prediction_id": prediction.id, "error": str(mapped)},
+                )
         return prediction
 
     async def _cancel_quietly(self, prediction_id: str) -> None:
@@ -192,19 +232,23 @@ class ReplicateStoryProvider:
                 "temperature": 0.8,
             }
         )
-        output = prediction.output
-        text = "".join(output) if isinstance(output, list) else str(output or "")
-        draft = parse_story(NAME, text)
-        metrics = prediction.metrics or {}
+        try:
+            output = prediction.output
+            text = "".join(output) if isinstance(output, list) else str(output or "")
+            draft = parse_story(NAME, text)
+            metrics = prediction.metrics or {}
+            usage = Usage(
+                prompt_tokens=int(metrics.get("input_token_count", 0) or 0),
+                completion_tokens=int(metrics.get("output_token_count", 0) or 0),
+            )
+        except (AttributeError, TypeError, KeyError, ValueError) as error:
+            raise ProviderResponseError(NAME, f"unusable prediction output: {error!r}") from error
         return GeneratedStory(
             title=draft.title,
             paragraphs=tuple(draft.paragraphs),
             provider=NAME,
             model=self.model,
-            usage=Usage(
-                prompt_tokens=int(metrics.get("input_token_count", 0) or 0),
-                completion_tokens=int(metrics.get("output_token_count", 0) or 0),
-            ),
+            usage=usage,
         )
 
 

@@ -21,11 +21,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from app.core.resilience import Bulkhead, CircuitBreaker, RetryPolicy, run_within
+from app.core.resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    ResilienceError,
+    RetryPolicy,
+    run_within,
+)
 from app.providers.base import (
     GeneratedStory,
     Illustration,
     IllustrationProvider,
+    ProviderError,
+    ProviderResponseError,
     StoryProvider,
     StoryRequest,
 )
@@ -77,6 +85,14 @@ class Guard:
             result = await call()
             outcome = "success"
             return result
+        except (ProviderError, ResilienceError) as error:
+            outcome = type(error).__name__
+            raise
+        except Exception as error:
+            # An adapter let something unexpected through (an SDK surprise, a bug):
+            # for the caller it is an unusable upstream reply, never a 500.
+            outcome = "ProviderResponseError"
+            raise ProviderResponseError(self.provider, f"unexpected {error!r}") from error
         except BaseException as error:
             outcome = type(error).__name__
             raise

@@ -6,8 +6,10 @@ When OpenAI and Replicate both fail, a remembered story for the same request is
 served (`provider: "cache"`, `degraded: true`) before the offline storyteller.
 
 Two tiers: an in-process LRU, always; Redis, when configured, so every replica
-shares what any of them wrote. Every Redis call runs under the Redis budget; a
-slow or absent Redis costs milliseconds and the local tier still answers.
+shares what any of them wrote. Every Redis call runs under the Redis budget.
+Writes go to Redis in the background, off the response path. After a Redis
+failure the cache stays local for `redis_retry_seconds` (as the breaker store
+does), so a silent Redis costs one budget now and then, not one per request.
 """
 
 from __future__ import annotations
@@ -64,10 +66,14 @@ class StoryCache:
         max_local_entries: int = 1000,
         redis_budget_seconds: float = 0.05,
         key_prefix: str = "story:cache:",
+        redis_retry_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[str], None] | None = None,
     ) -> None:
         self._redis = redis
+        self._retry_seconds = redis_retry_seconds
+        self._redis_usable_at = 0.0
+        self._writes: set[asyncio.Task[None]] = set()
         self._ttl = ttl_seconds
         self._max_local = max_local_entries
         self._budget = redis_budget_seconds
@@ -76,6 +82,20 @@ class StoryCache:
         self._local: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._on_result = on_result or (lambda _result: None)
 
+    def _redis_usable(self) -> aioredis.Redis | None:
+        if self._redis is None or self._clock() < self._redis_usable_at:
+            return None
+        return self._redis
+
+    def _redis_failed(self, action: str, error: BaseException) -> None:
+        self._redis_usable_at = self._clock() + self._retry_seconds
+        logger.warning(
+            "story cache: redis %s skipped; local only for %.0f s",
+            action,
+            self._retry_seconds,
+            extra={"error": repr(error)},
+        )
+
     async def put(self, request: StoryRequest, story: GeneratedStory) -> None:
         key = cache_key(request)
         value = _encode(story)
@@ -83,24 +103,31 @@ class StoryCache:
         self._local.move_to_end(key)
         while len(self._local) > self._max_local:
             self._local.popitem(last=False)
-        if self._redis is not None:
-            try:
-                async with asyncio.timeout(self._budget):
-                    await self._redis.set(self._prefix + key, value, ex=max(1, int(self._ttl)))
-            except Exception as error:
-                logger.warning("story cache: redis write skipped", extra={"error": repr(error)})
+        redis = self._redis_usable()
+        if redis is not None:
+            task = asyncio.create_task(self._write(redis, key, value))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _write(self, redis: aioredis.Redis, key: str, value: str) -> None:
+        try:
+            async with asyncio.timeout(self._budget):
+                await redis.set(self._prefix + key, value, ex=max(1, int(self._ttl)))
+        except Exception as error:
+            self._redis_failed("write", error)
 
     async def get(self, request: StoryRequest) -> GeneratedStory | None:
         key = cache_key(request)
-        if self._redis is not None:
+        redis = self._redis_usable()
+        if redis is not None:
             try:
                 async with asyncio.timeout(self._budget):
-                    raw = await self._redis.get(self._prefix + key)
+                    raw = await redis.get(self._prefix + key)
                 if raw is not None:
                     self._on_result("hit")
                     return _decode(raw)
             except Exception as error:
-                logger.warning("story cache: redis read skipped", extra={"error": repr(error)})
+                self._redis_failed("read", error)
         entry = self._local.get(key)
         if entry is not None:
             expires, value = entry
@@ -110,3 +137,8 @@ class StoryCache:
             del self._local[key]
         self._on_result("miss")
         return None
+
+    async def aclose(self) -> None:
+        """Lets the background writes still running finish (each within its budget)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from app.core.resilience import ResilienceError, deadline_scope, graceful_degradation
-from app.db.repository import StoryRepository
+from app.db.repository import ClaimLostError, StoryRepository
 from app.errors import (
     ConflictError,
     InvalidRequestError,
@@ -124,26 +124,44 @@ class StoryService:
         illustrate: bool,
         idempotency_key: str | None = None,
     ) -> CreatedStory:
-        if idempotency_key is None:
-            return CreatedStory(await self._create_new(owner, request, illustrate, None), False)
+        # One deadline for the whole request (the wait for a duplicate, upstream
+        # calls, the database); every layer below respects it.
+        with deadline_scope(self._deadline_seconds) as deadline:
+            if idempotency_key is None:
+                story = await self._create_new(owner, request, illustrate, None, None)
+                return CreatedStory(story, False)
+            return await self._create_once(
+                owner, request, illustrate, idempotency_key, deadline.remaining()
+            )
+
+    async def _create_once(
+        self,
+        owner: str,
+        request: StoryRequest,
+        illustrate: bool,
+        idempotency_key: str,
+        time_left: float,
+    ) -> CreatedStory:
         policy = self._idempotency
         fingerprint = request_fingerprint(request, illustrate)
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + policy.wait_seconds
+        give_up_at = loop.time() + min(policy.wait_seconds, time_left)
         while True:
             now = datetime.now(UTC)
+            locked_until = now + timedelta(seconds=policy.lock_seconds)
             entry = await self._repository.claim_key(
                 owner,
                 idempotency_key,
                 fingerprint,
                 now=now,
-                locked_until=now + timedelta(seconds=policy.lock_seconds),
+                locked_until=locked_until,
                 expires_at=now + timedelta(seconds=policy.ttl_seconds),
             )
             if entry is None:
-                return CreatedStory(
-                    await self._create_claimed(owner, request, illustrate, idempotency_key), False
+                story = await self._create_claimed(
+                    owner, request, illustrate, idempotency_key, locked_until
                 )
+                return CreatedStory(story, False)
             if entry.fingerprint != fingerprint:
                 raise InvalidRequestError(
                     "This Idempotency-Key was used with a different request body.",
@@ -155,9 +173,9 @@ class StoryService:
                     ],
                 )
             if entry.state == "done" and entry.story_id is not None:
-                story = await self._repository.get(entry.story_id, owner)
-                if story is not None:
-                    return CreatedStory(story, True)
+                first = await self._repository.get(entry.story_id, owner)
+                if first is not None:
+                    return CreatedStory(first, True)
             if loop.time() >= give_up_at:
                 raise ConflictError(
                     "A request with this Idempotency-Key is still being processed; "
@@ -167,10 +185,22 @@ class StoryService:
             await asyncio.sleep(policy.poll_seconds)
 
     async def _create_claimed(
-        self, owner: str, request: StoryRequest, illustrate: bool, key: str
+        self,
+        owner: str,
+        request: StoryRequest,
+        illustrate: bool,
+        key: str,
+        claimed_until: datetime,
     ) -> StoryRecord:
         try:
-            return await self._create_new(owner, request, illustrate, key)
+            return await self._create_new(owner, request, illustrate, key, claimed_until)
+        except ClaimLostError:
+            # This request outlived its claim and another took the key over: that
+            # one's story is the answer; the repeat will get it.
+            raise ConflictError(
+                "A newer request with this Idempotency-Key took over; repeat to get its result.",
+                headers={"Retry-After": "1"},
+            ) from None
         except BaseException:
             # Free the key so the phone's retry can run; shielded, because a
             # cancelled request must still release what it holds.
@@ -184,15 +214,18 @@ class StoryService:
             logger.warning("could not release idempotency key; it expires", exc_info=True)
 
     async def _create_new(
-        self, owner: str, request: StoryRequest, illustrate: bool, idempotency_key: str | None
+        self,
+        owner: str,
+        request: StoryRequest,
+        illustrate: bool,
+        idempotency_key: str | None,
+        claimed_until: datetime | None,
     ) -> StoryRecord:
         started = time.perf_counter()
-        # One deadline for the whole request; every upstream call below respects it.
-        with deadline_scope(self._deadline_seconds):
-            story, degraded = await self._write(request)
-            illustration_url = None
-            if illustrate and self._illustrator is not None:
-                illustration_url = await self._illustrate(request, story)
+        story, degraded = await self._write(request)
+        illustration_url = None
+        if illustrate and self._illustrator is not None:
+            illustration_url = await self._illustrate(request, story)
         record = StoryRecord(
             id=uuid.uuid4(),
             owner=owner,
@@ -211,7 +244,9 @@ class StoryService:
             generation_ms=round((time.perf_counter() - started) * 1000),
             created_at=datetime.now(UTC),
         )
-        await self._repository.add(record, idempotency_key=idempotency_key)
+        await self._repository.add(
+            record, idempotency_key=idempotency_key, claimed_until=claimed_until
+        )
         logger.info(
             "story created",
             extra={"story_id": str(record.id), "provider": record.provider, "degraded": degraded},

@@ -46,6 +46,7 @@ FAULT_KINDS = frozenset(
         "hang",
         "reset",
         "malformed",
+        "wrong_shape",
         "bad_content",
         "prediction_failed",
     }
@@ -53,9 +54,11 @@ FAULT_KINDS = frozenset(
 
 # Faults after which the request is still processed but the client never gets a
 # usable answer.
-LOST_RESPONSE_KINDS = frozenset({"hang", "reset", "malformed"})
+LOST_RESPONSE_KINDS = frozenset({"hang", "reset", "malformed", "wrong_shape"})
 
 MALFORMED_BODY = b'{"id": "truncated-by-fault-injection", "choices": [<html>502 Bad Gateway'
+# Valid JSON that the SDKs accept without validating, in a shape no API sends.
+WRONG_SHAPE_BODY = b'{"id": 42, "object": "chat.completion", "choices": [{"message": null}]}'
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,11 @@ class Fault:
     def malformed() -> Fault:
         """Process the request, then answer 200 application/json with a non-JSON body."""
         return Fault("malformed")
+
+    @staticmethod
+    def wrong_shape() -> Fault:
+        """Process the request, then answer 200 with valid JSON of the wrong shape."""
+        return Fault("wrong_shape")
 
     @staticmethod
     def bad_content() -> Fault:
@@ -220,7 +228,7 @@ class FakeServer:
 
     #: fault kinds this fake understands (others are rejected by set_fault/fail_next)
     supported_faults: ClassVar[frozenset[str]] = frozenset(
-        {"delay", "status", "rate_limit", "hang", "reset", "malformed"}
+        {"delay", "status", "rate_limit", "hang", "reset", "malformed", "wrong_shape"}
     )
     #: requests under these path prefixes need ``Authorization: Bearer <token>``
     auth_prefixes: ClassVar[tuple[str, ...]] = ("/v1/",)
@@ -544,6 +552,10 @@ class FakeServer:
             if fault.kind == "malformed":
                 return web.Response(
                     status=200, body=MALFORMED_BODY, content_type="application/json"
+                )
+            if fault.kind == "wrong_shape":
+                return web.Response(
+                    status=200, body=WRONG_SHAPE_BODY, content_type="application/json"
                 )
             return response
 

@@ -211,3 +211,47 @@ def test_two_server_processes_on_one_database_share_keys(
     assert {r.status_code for r in responses} == {201}
     assert len({r.json()["id"] for r in responses}) == 1
     assert fake_openai.count(path=COMPLETIONS) == 1
+
+
+async def test_a_request_that_outlives_its_claim_stores_nothing_and_gets_409(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    from app.core.config import OpenAISettings
+    from app.db.repository import SqliteStoryRepository
+    from app.errors import ConflictError
+    from app.providers.offline import OfflineStoryProvider
+    from app.providers.openai import OpenAIStoryProvider
+    from app.services.stories import IdempotencyPolicy, StoryService
+
+    fake_openai.fail_next(Fault.delay(0.6), path=COMPLETIONS)
+    repository = await SqliteStoryRepository.open(tmp_path / "claims.sqlite3")
+    await repository.migrate()
+    provider = OpenAIStoryProvider.from_settings(
+        OpenAISettings(_env_file=None, api_key="sk-test", base_url=fake_openai.openai_base_url)
+    )
+    service = StoryService(
+        repository,
+        [provider],
+        offline=OfflineStoryProvider(),
+        idempotency=IdempotencyPolicy(lock_seconds=0.2, wait_seconds=0),
+    )
+    request = StoryRequest(prompt="a slow snail", age=5, length="short", language="en")
+    try:
+        slow = asyncio.create_task(
+            service.create("anonymous", request, illustrate=False, idempotency_key="k")
+        )
+        await asyncio.sleep(0.35)  # the slow request's claim has expired
+        taken_over = await service.create(
+            "anonymous", request, illustrate=False, idempotency_key="k"
+        )
+        with pytest.raises(ConflictError):
+            await slow
+        replay = await service.create("anonymous", request, illustrate=False, idempotency_key="k")
+        page = await repository.list_page("anonymous", 10)
+    finally:
+        await provider.close()
+        await repository.close()
+
+    assert replay.replayed is True
+    assert replay.story.id == taken_over.story.id
+    assert [s.id for s in page.items] == [taken_over.story.id]

@@ -241,3 +241,53 @@ async def test_replicate_failing_too_goes_to_offline_and_counts_its_attempts(
     assert response.json()["provider"] == "offline"
     assert fake_openai.count(path=COMPLETIONS) == 3
     assert fake_replicate.count(method="POST", path="/v1/models/") == 3
+
+
+async def test_a_failed_poll_keeps_polling_the_same_prediction(
+    fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    fake_replicate.fail_next(Fault.status(503), path="/v1/predictions/", method="GET")
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", replicate_base_url=fake_replicate.base_url
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json=STORY_BODY)
+
+    assert response.json()["provider"] == "replicate"
+    assert fake_replicate.created_count == 1
+
+
+async def test_a_lost_create_that_cannot_be_found_is_not_sent_again(
+    fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    fake_replicate.fail_next(Fault.reset(), path="/v1/models/", method="POST")
+    fake_replicate.set_fault(Fault.status(503), path="/v1/predictions", method="GET")
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", replicate_base_url=fake_replicate.base_url
+    )
+    async with serve(settings) as client:
+        response = await client.post("/v1/stories", json=STORY_BODY)
+
+    assert response.json()["provider"] == "offline"
+    assert fake_replicate.created_count == 1
+
+
+async def test_a_stalled_prediction_is_cancelled_counted_and_opens_the_breaker(
+    fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    fake_replicate.steps_to_finish = 10_000
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", replicate_base_url=fake_replicate.base_url
+    )
+    settings.replicate.prediction_timeout_seconds = 0.3
+    async with serve(settings) as client:
+        responses = [
+            await client.post("/v1/stories", json={**STORY_BODY, "age": age})
+            for age in (3, 4, 5, 6)
+        ]
+
+    assert [r.json()["provider"] for r in responses] == ["offline"] * 4
+    # Never retried by creating another; three stalls open the breaker; the fourth
+    # request creates nothing.
+    assert fake_replicate.created_count == 3
+    assert {p["status"] for p in fake_replicate.predictions()} == {"canceled"}

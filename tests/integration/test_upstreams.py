@@ -70,9 +70,10 @@ async def test_token_usage_and_provider_are_stored_in_postgres(
         Fault.rate_limit("2"),
         Fault.reset(),
         Fault.malformed(),
+        Fault.wrong_shape(),
         Fault.bad_content(),
     ],
-    ids=["500", "401", "429", "reset", "malformed", "bad_content"],
+    ids=["500", "401", "429", "reset", "malformed", "wrong_shape", "bad_content"],
 )
 async def test_an_openai_failure_degrades_to_the_offline_story_never_a_500(
     fake_openai: FakeOpenAI, tmp_path: Path, fault: Fault

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -91,7 +92,22 @@ def test_a_cursor_round_trips() -> None:
     assert PageCursor.decode(cursor.encode()) == cursor
 
 
-@pytest.mark.parametrize("token", ["", "!!!", "bm90LWEtY3Vyc29y", "MjAyNi0wMS0wMnxub3QtYS11dWlk"])
+def _cursor_token(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "!!!",
+        "bm90LWEtY3Vyc29y",
+        "MjAyNi0wMS0wMnxub3QtYS11dWlk",
+        _cursor_token(f"0001-01-01T00:00:00+14:00|{uuid.UUID(int=1)}"),
+        _cursor_token(f"9999-12-31T23:59:59-14:00|{uuid.UUID(int=1)}"),
+        _cursor_token(f"2026-01-01T00:00:00|{uuid.UUID(int=1)}"),
+    ],
+)
 def test_a_foreign_cursor_is_refused(token: str) -> None:
     with pytest.raises(ValueError, match="cursor"):
         PageCursor.decode(token)
