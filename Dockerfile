@@ -67,9 +67,9 @@ USER ${APP_UID}:${APP_GID}
 
 EXPOSE 8000
 
-# uvicorn drains on SIGTERM for SHUTDOWN_GRACE_SECONDS (default 20 s). Docker's
+# uvicorn drains on SIGTERM for SHUTDOWN_GRACE_SECONDS (default 35 s). Docker's
 # default stop timeout is 10 s: run with `docker stop -t 25` / compose's
-# stop_grace_period: 25s, and Kubernetes' terminationGracePeriodSeconds: 30.
+# stop_grace_period: 40s, and Kubernetes' terminationGracePeriodSeconds: 45.
 STOPSIGNAL SIGTERM
 
 # Standard library only (urllib): the probe cannot break with the app's imports.

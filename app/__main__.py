@@ -9,7 +9,7 @@ everything an operator tunes at run time is read here instead:
 | PORT                   | 8000        | port to bind                                              |
 | WEB_CONCURRENCY        | 1           | worker processes (scale pods, not workers, on Kubernetes) |
 | FORWARDED_ALLOW_IPS    | see below   | peers whose X-Forwarded-For/-Proto uvicorn believes       |
-| SHUTDOWN_GRACE_SECONDS | 20          | after SIGTERM, how long in-flight requests may finish     |
+| SHUTDOWN_GRACE_SECONDS | 35          | after SIGTERM, how long in-flight requests may finish     |
 | LOG_LEVEL              | INFO        | uvicorn's own log level (the app reads it too)            |
 | RELOAD                 | false       | restart on code changes (development only; 1 worker)      |
 
@@ -51,7 +51,9 @@ class ServerSettings(BaseSettings):
     forwarded_allow_ips: str | None = None
     # The app's own list of proxies (app.core.config.ProxySettings), read here as text.
     trusted_proxies: str = ""
-    shutdown_grace_seconds: Annotated[int, Field(ge=0, le=600)] = 20
+    # At least REQUEST_DEADLINE_SECONDS (30) plus a database round: a rollout must
+    # not cut off a request that is still within its deadline.
+    shutdown_grace_seconds: Annotated[int, Field(ge=0, le=600)] = 35
     log_level: str = "INFO"
     reload: bool = False
 

@@ -25,8 +25,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.core.config import Settings
+from app.core.metrics import PrometheusObserver, record_cache, record_upstream_call
 from app.core.observability import configure_logging
-from app.core.resilience import CircuitBreaker, LoggingObserver, ResilienceObserver
+from app.core.resilience import (
+    CircuitBreaker,
+    CompositeObserver,
+    LoggingObserver,
+    ResilienceObserver,
+)
 from app.core.state import BreakerStore
 from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
 from app.providers.offline import OfflineStoryProvider
@@ -70,14 +76,18 @@ def open_redis(settings: Settings) -> aioredis.Redis | None:
     # redis-py's default seconds. One immediate retry on a *connection* error only:
     # after a Redis restart the pooled sockets are dead, and the first use of each
     # should reconnect rather than fail over; timeouts are never retried.
-    return aioredis.Redis.from_url(
+    # A blocking pool: past REDIS_MAX_CONNECTIONS a caller waits (within the same
+    # budget) for a free connection instead of failing at once and failing over.
+    pool = aioredis.BlockingConnectionPool.from_url(
         cfg.url.get_secret_value() if cfg.url else "",
         socket_timeout=cfg.socket_timeout_ms / 1000,
         socket_connect_timeout=cfg.connect_timeout_ms / 1000,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         max_connections=cfg.max_connections,
+        timeout=cfg.socket_timeout_ms / 1000,
         health_check_interval=0,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def _purge_expired_keys(repository: StoryRepository, every_seconds: float = 3600) -> None:
@@ -117,14 +127,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             except Exception as error:  # readiness reports it; start anyway
                 logger.warning("redis did not answer at start", extra={"error": repr(error)})
 
-        observer: ResilienceObserver = LoggingObserver()
-        upstreams = await build_upstreams(settings, redis, stack, observer=observer)
+        # Every breaker transition, retry, rejection and fallback: logged and counted.
+        observer: ResilienceObserver = CompositeObserver(LoggingObserver(), PrometheusObserver())
+        upstreams = await build_upstreams(
+            settings, redis, stack, observer=observer, record_call=record_upstream_call
+        )
 
         cache = StoryCache(
             redis,
             ttl_seconds=settings.story_cache_ttl_seconds,
             redis_budget_seconds=settings.redis.socket_timeout_ms / 1000,
+            on_result=record_cache,
         )
+        stack.push_async_callback(cache.aclose)
         stories = StoryService(
             repository,
             upstreams.story_providers,
@@ -149,6 +164,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             breaker_store=upstreams.breaker_store,
         )
         app.state.app_state = state
+        # Operations (app.core.operations): rate-limit counters, maintenance flag, system
+        # sampler, Sentry, SIGTERM drain hook. Stopped first at shutdown.
+        operations = getattr(app.state, "operations", None)
+        if operations is not None:
+            await operations.start(state)
+            stack.push_async_callback(operations.stop)
         logger.info(
             "service started",
             extra={

@@ -8,12 +8,18 @@ connections are opened by the lifespan, when the server starts the app.
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app.core.config import Settings
+from app.core.maintenance import MaintenanceMiddleware
+from app.core.metrics import MetricsMiddleware
+from app.core.operations import Operations
+from app.core.security import RATE_LIMITED, RateLimitMiddleware, limiter
+from app.dependencies import get_principal
 from app.errors import install_error_handlers
 from app.lifespan import lifespan
 from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from app.routers import health_detailed, stories
+from app.routers import health_detailed, metrics, stories
 
 VERSION = "0.1.0"
 
@@ -27,11 +33,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Rate-limit counters, maintenance switch, sampler, Sentry, SIGTERM hook (no I/O yet).
+    app.state.operations = operations = Operations(settings, VERSION)
+    app.state.limiter = limiter  # slowapi's convention: @limiter.limit on endpoints
     install_error_handlers(app)
     app.include_router(health_detailed.router)
-    app.include_router(stories.router)
+    # API routes count against the client's rate limits; health and metrics never do.
+    app.include_router(stories.router, dependencies=RATE_LIMITED)
+    app.include_router(metrics.router)
     # Added last = outermost: the request id exists before anything else runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RateLimitMiddleware,
+        trusted_proxies=operations.trusted_proxies,
+        principal_of=get_principal,
+        anonymous_principal=settings.anonymous_principal,
+    )
+    app.add_middleware(MaintenanceMiddleware, switch=operations.maintenance)
+    app.add_middleware(MetricsMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["Location", "X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+        )
     app.add_middleware(RequestContextMiddleware)
     return app
 

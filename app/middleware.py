@@ -84,6 +84,8 @@ class RequestContextMiddleware:
                     "status": status_code,
                     "latency_ms": round(elapsed_ms, 2),
                     "provider": scope.get("state", {}).get("provider"),
+                    # Hash of the rate-limit client key (app.core.security), never the address.
+                    "client": scope.get("state", {}).get("client_key_hash"),
                 },
             )
             reset_request_id(token)

@@ -175,7 +175,7 @@ def dev_problems(config: dict[str, Any]) -> list[str]:
     if test[1:] != ["python", "-m", "app.healthcheck"]:
         problems.append(f"dev: app health check must run app.healthcheck, not {test}")
     environment = app["environment"]
-    drain = float(environment.get("SHUTDOWN_GRACE_SECONDS") or 20) + float(
+    drain = float(environment.get("SHUTDOWN_GRACE_SECONDS") or 35) + float(
         environment.get("SHUTDOWN_DRAIN_DELAY_SECONDS") or 0
     )
     grace = duration_seconds(app.get("stop_grace_period", "10s"))
@@ -328,6 +328,13 @@ def check_k8s() -> list[str]:
         config.get("SHUTDOWN_DRAIN_DELAY_SECONDS") or 0
     )
     grace = float(pod["terminationGracePeriodSeconds"])
+    deadline = float(config.get("REQUEST_DEADLINE_SECONDS") or 30)
+    if float(config["SHUTDOWN_GRACE_SECONDS"]) < deadline:
+        problems.append(
+            f"k8s: SHUTDOWN_GRACE_SECONDS {config['SHUTDOWN_GRACE_SECONDS']} must be at least "
+            f"REQUEST_DEADLINE_SECONDS ({deadline:g}): a rollout would cut off requests "
+            "still within their deadline"
+        )
     if pre_stop + drain >= grace:
         problems.append(
             f"k8s: terminationGracePeriodSeconds {grace:g} must exceed preStop {pre_stop:g}"

@@ -12,6 +12,7 @@ import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import httpx2
 import openai
 from openai import AsyncOpenAI
 
@@ -103,7 +104,12 @@ class OpenAIStoryProvider:
             timeout=openai.Timeout(
                 settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
             ),
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(
+                    max_connections=settings.max_connections,
+                    max_keepalive_connections=settings.max_connections,
+                )
+            ),
         )
         return cls(client, settings.model)
 

@@ -7,6 +7,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
+from app.core.metrics import record_fallback, record_story_served
 from app.dependencies import PrincipalDep, StoryServiceDep
 from app.schemas import CreateStory, Recommendations, StoryList, StoryOut
 
@@ -42,6 +43,10 @@ async def create_story(
         principal, body.to_request(), illustrate=body.illustrate, idempotency_key=idempotency_key
     )
     story = created.story
+    if not created.replayed:
+        record_story_served(story.provider, story.degraded)
+        if story.degraded:
+            record_fallback(story.provider)
     request.scope.setdefault("state", {})["provider"] = story.provider
     response.headers["Location"] = f"/v1/stories/{story.id}"
     if created.replayed:

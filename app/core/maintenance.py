@@ -1,0 +1,127 @@
+"""Maintenance mode: API routes answer 503 with `Retry-After`; health and metrics stay up.
+
+Two switches, either turns it on:
+
+- `MAINTENANCE_MODE=true` for the processes started with it;
+- the Redis flag `MAINTENANCE_REDIS_KEY` (default `story:maintenance`) for every
+  worker and replica at once: `redis-cli SET story:maintenance on` (add `EX 3600`
+  to have it end by itself), `redis-cli DEL story:maintenance` to end it. Any
+  value but `0`, `off` or `false` means on.
+
+Each process re-reads the flag in the background every `MAINTENANCE_REFRESH_SECONDS`,
+so a request pays nothing for it. While Redis does not answer, the last value read
+stands (an outage of Redis neither starts nor ends maintenance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.core.config import MaintenanceSettings
+from app.core.metrics import record_dependency_error, record_maintenance
+from app.core.security import is_operational_path
+from app.errors import problem_response
+
+logger = logging.getLogger(__name__)
+
+_OFF_VALUES = frozenset({"", "0", "off", "false", "no"})
+# The longest a flag read may take; Redis's own socket timeout is usually far shorter.
+_READ_TIMEOUT_SECONDS = 1.0
+
+
+class MaintenanceSwitch:
+    """Whether maintenance mode is on: the setting, or the shared Redis flag."""
+
+    def __init__(self, settings: MaintenanceSettings) -> None:
+        self.forced = settings.mode
+        self.redis_key = settings.redis_key
+        self.refresh_seconds = settings.refresh_seconds
+        self.retry_after_seconds = settings.retry_after_seconds
+        self._flag = False
+        self._redis: Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        record_maintenance(self.on)
+
+    @property
+    def on(self) -> bool:
+        return self.forced or self._flag
+
+    @property
+    def source(self) -> str | None:
+        """What turned it on: "setting", "redis", or None when off."""
+        if self.forced:
+            return "setting"
+        return "redis" if self._flag else None
+
+    async def refresh(self) -> None:
+        """Read the Redis flag once; on failure keep the last value."""
+        if self._redis is None:
+            return
+        try:
+            async with asyncio.timeout(_READ_TIMEOUT_SECONDS):
+                raw = await self._redis.get(self.redis_key)
+        except Exception as error:
+            record_dependency_error("redis", "maintenance_flag")
+            if not self._failing:
+                self._failing = True
+                logger.warning("maintenance flag unreadable", extra={"error": repr(error)})
+            return
+        self._failing = False
+        value = raw.decode() if isinstance(raw, bytes) else (raw or "")
+        flag = value.strip().lower() not in _OFF_VALUES
+        if flag != self._flag:
+            logger.warning("maintenance mode %s by the Redis flag", "on" if flag else "off")
+        self._flag = flag
+        record_maintenance(self.on)
+
+    async def start(self, redis: Redis | None) -> None:
+        """Read the flag now (so the first request obeys it), then every few seconds."""
+        self._redis = redis
+        if redis is None:
+            return
+        await self.refresh()
+        self._task = asyncio.create_task(self._poll(), name="maintenance-flag")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            await self.refresh()
+
+
+class MaintenanceMiddleware:
+    """Pure ASGI: while maintenance is on, every non-operational request gets 503."""
+
+    def __init__(self, app: ASGIApp, *, switch: MaintenanceSwitch) -> None:
+        self.app = app
+        self.switch = switch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not self.switch.on
+            or is_operational_path(scope.get("path", ""))
+        ):
+            await self.app(scope, receive, send)
+            return
+        response = problem_response(
+            503,
+            "Down for maintenance",
+            "The service is in maintenance. Please retry later.",
+            slug="maintenance",
+            instance=scope.get("path"),
+            headers={"Retry-After": str(self.switch.retry_after_seconds)},
+        )
+        await response(scope, receive, send)

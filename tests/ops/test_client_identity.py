@@ -1,0 +1,107 @@
+"""Who a request is keyed by: the principal, else the client address, believing
+forwarding headers only from trusted proxies."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+
+from starlette.types import Scope
+
+from app.core.security import TrustedProxies, client_ip, client_key, key_hash
+
+PROXIES = TrustedProxies([ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32")])
+
+
+def scope_from(peer: str, *headers: tuple[str, str]) -> Scope:
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/stories",
+        "client": (peer, 51234),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+    }
+
+
+def test_without_trusted_proxies_the_peer_address_is_the_client() -> None:
+    scope = scope_from("203.0.113.7", ("X-Forwarded-For", "198.51.100.1"))
+
+    assert client_ip(scope, TrustedProxies()) == "203.0.113.7"
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
+    scope = scope_from("203.0.113.7", ("X-Forwarded-For", "198.51.100.1"))
+
+    assert client_ip(scope, PROXIES) == "203.0.113.7"
+
+
+def test_x_forwarded_for_from_a_trusted_proxy_names_the_client() -> None:
+    scope = scope_from("10.1.2.3", ("X-Forwarded-For", "198.51.100.1"))
+
+    assert client_ip(scope, PROXIES) == "198.51.100.1"
+
+
+def test_the_rightmost_untrusted_hop_is_the_client_not_a_spoofed_leftmost_one() -> None:
+    # The client sent "1.1.1.1" itself; our proxies appended the real addresses.
+    scope = scope_from("10.0.0.2", ("X-Forwarded-For", "1.1.1.1, 198.51.100.1, 10.0.0.1"))
+
+    assert client_ip(scope, PROXIES) == "198.51.100.1"
+
+
+def test_several_x_forwarded_for_headers_read_as_one_list() -> None:
+    scope = scope_from(
+        "10.0.0.2", ("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "198.51.100.9")
+    )
+
+    assert client_ip(scope, PROXIES) == "198.51.100.9"
+
+
+def test_forwarded_header_is_read_when_there_is_no_x_forwarded_for() -> None:
+    scope = scope_from(
+        "10.0.0.2", ("Forwarded", 'for=192.0.2.60;proto=https, for="[2001:db8:cafe::17]:4711"')
+    )
+
+    assert client_ip(scope, PROXIES) == "2001:db8:cafe::17"
+
+
+def test_an_ipv4_hop_with_a_port_is_read_without_it() -> None:
+    scope = scope_from("10.0.0.2", ("Forwarded", "for=192.0.2.60:8443"))
+
+    assert client_ip(scope, PROXIES) == "192.0.2.60"
+
+
+def test_an_obfuscated_hop_from_a_trusted_proxy_keys_by_that_proxy() -> None:
+    scope = scope_from("10.0.0.2", ("Forwarded", "for=unknown"))
+
+    assert client_ip(scope, PROXIES) == "10.0.0.2"
+
+
+def test_a_trusted_peer_without_forwarding_headers_is_the_client() -> None:
+    assert client_ip(scope_from("10.0.0.2"), PROXIES) == "10.0.0.2"
+
+
+def test_the_anonymous_principal_is_keyed_by_address() -> None:
+    scope = scope_from("203.0.113.7")
+
+    key = client_key(scope, PROXIES, principal_of=lambda request: "anonymous")
+
+    assert key == "ip:203.0.113.7"
+
+
+def test_an_authenticated_principal_is_keyed_by_principal_wherever_it_calls_from() -> None:
+    first = client_key(scope_from("203.0.113.7"), PROXIES, principal_of=lambda r: "user-42")
+    second = client_key(scope_from("198.51.100.1"), PROXIES, principal_of=lambda r: "user-42")
+
+    assert first == second == "user:user-42"
+
+
+def test_a_failing_principal_lookup_falls_back_to_the_address() -> None:
+    def broken(request: object) -> str:
+        raise LookupError("no app state")
+
+    assert client_key(scope_from("203.0.113.7"), PROXIES, principal_of=broken) == ("ip:203.0.113.7")
+
+
+def test_the_logged_key_hash_is_stable_and_does_not_contain_the_address() -> None:
+    assert key_hash("ip:203.0.113.7") == key_hash("ip:203.0.113.7")
+    assert "203.0.113.7" not in key_hash("ip:203.0.113.7")
+    assert key_hash("ip:203.0.113.7") != key_hash("ip:203.0.113.8")
