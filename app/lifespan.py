@@ -33,7 +33,7 @@ from app.core.resilience import (
     LoggingObserver,
     ResilienceObserver,
 )
-from app.core.state import BreakerStore
+from app.core.state import BreakerStore, RedisGate
 from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
 from app.providers.offline import OfflineStoryProvider
 from app.providers.registry import build_upstreams
@@ -51,6 +51,7 @@ class AppState:
     stories: StoryService
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
     breaker_store: BreakerStore | None = None
+    redis_gate: RedisGate | None = None
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
 
@@ -129,8 +130,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
 
         # Every breaker transition, retry, rejection and fallback: logged and counted.
         observer: ResilienceObserver = CompositeObserver(LoggingObserver(), PrometheusObserver())
+        # One view per process of whether Redis answers, shared by all its users.
+        redis_gate = RedisGate()
         upstreams = await build_upstreams(
-            settings, redis, stack, observer=observer, record_call=record_upstream_call
+            settings,
+            redis,
+            stack,
+            observer=observer,
+            record_call=record_upstream_call,
+            redis_gate=redis_gate,
         )
 
         cache = StoryCache(
@@ -138,6 +146,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             ttl_seconds=settings.story_cache_ttl_seconds,
             redis_budget_seconds=settings.redis.socket_timeout_ms / 1000,
             on_result=record_cache,
+            gate=redis_gate,
         )
         stack.push_async_callback(cache.aclose)
         stories = StoryService(
@@ -162,6 +171,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             stories=stories,
             breakers=upstreams.breakers,
             breaker_store=upstreams.breaker_store,
+            redis_gate=redis_gate,
         )
         app.state.app_state = state
         # Operations (app.core.operations): rate-limit counters, maintenance flag, system

@@ -151,6 +151,7 @@ class Operations:
             InProcessCounters(),
             budget_seconds=cfg.rate_limit.redis_budget_ms / 1000,
             retry_seconds=cfg.rate_limit.redis_retry_seconds,
+            gate=state.redis_gate,
         )
         await self.system.start()
         await self.maintenance.start(state.redis)

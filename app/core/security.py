@@ -60,6 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import RateLimitSettings
 from app.core.metrics import record_rate_limit_storage, record_rate_limited
+from app.core.state import RedisGate
 from app.errors import AppError
 
 __all__ = [
@@ -341,9 +342,11 @@ class FailoverCounters:
         budget_seconds: float = 0.05,
         retry_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        gate: RedisGate | None = None,
     ) -> None:
         self.redis = redis
         self.local = local
+        self.gate = gate
         self.budget_seconds = budget_seconds
         self.retry_seconds = retry_seconds
         self._clock = clock
@@ -367,6 +370,9 @@ class FailoverCounters:
     ) -> list[WindowResult]:
         if self.redis is None:
             return await self.local.hit(items, client, scope)
+        if self.gate is not None and not self.gate.is_open():
+            # Another part of this process just saw Redis fail: count here for now.
+            return await self.local.hit(items, client, scope)
         probe = False
         if self._degraded:
             if self._probing or self._clock() < self._retry_at:
@@ -389,6 +395,8 @@ class FailoverCounters:
         return results
 
     def _fail(self, error: BaseException) -> None:
+        if self.gate is not None:
+            self.gate.report_failure()
         self._retry_at = self._clock() + self.retry_seconds
         self.last_error = repr(error) if str(error) else type(error).__name__
         if not self._degraded:

@@ -448,6 +448,32 @@ class RedisBreakerStore:
 _FALLBACK_ORIGIN = "fallback"
 
 
+class RedisGate:
+    """This process's shared view of whether Redis answers.
+
+    Every part that uses Redis (breaker store, rate limiter, story cache) runs
+    each call under the Redis budget and has an in-process fallback. Alone, each
+    would find out about a silent Redis by spending its own budget, one after
+    another in the same request. With the gate, the first part to see Redis fail
+    closes it for `cool_down_seconds`, and the others go straight to their
+    fallbacks: a request pays one budget, not one per part. Each part still
+    decides on its own when to try Redis again (never before the gate reopens).
+    """
+
+    def __init__(self, cool_down_seconds: float = 1.0, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.cool_down_seconds = cool_down_seconds
+        self._clock = clock
+        self._closed_until = 0.0
+
+    def is_open(self) -> bool:
+        return self._clock.monotonic() >= self._closed_until
+
+    def report_failure(self) -> None:
+        self._closed_until = max(
+            self._closed_until, self._clock.monotonic() + self.cool_down_seconds
+        )
+
+
 class FailoverBreakerStore:
     """`primary` (Redis) within `budget_seconds`, else `fallback` (in-process).
 
@@ -467,9 +493,11 @@ class FailoverBreakerStore:
         retry_interval_seconds: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
         observer: ResilienceObserver = DEFAULT_OBSERVER,
+        gate: RedisGate | None = None,
     ) -> None:
         self.primary = primary
         self.fallback = fallback or InMemoryBreakerStore(clock=clock)
+        self.gate = gate
         self.budget_seconds = budget_seconds
         self.retry_interval_seconds = retry_interval_seconds
         self.observer = observer
@@ -491,10 +519,15 @@ class FailoverBreakerStore:
         """The operation's result, and whether the fallback produced it."""
         if self._degraded and self._clock.monotonic() < self._retry_at:
             return await on_fallback(), True
+        if self.gate is not None and not self.gate.is_open():
+            # Another part of this process just saw Redis fail: don't pay the budget too.
+            return await on_fallback(), True
         try:
             async with asyncio.timeout(self.budget_seconds):
                 result = await on_primary()
         except Exception as error:  # any store failure or timeout: never fail the call
+            if self.gate is not None:
+                self.gate.report_failure()
             self._degraded = True
             self.last_error = error
             self._retry_at = self._clock.monotonic() + self.retry_interval_seconds

@@ -26,6 +26,7 @@ from app.core.state import (
     FailoverBreakerStore,
     InMemoryBreakerStore,
     RedisBreakerStore,
+    RedisGate,
 )
 from app.providers.base import IllustrationProvider, StoryProvider
 from app.providers.openai import OpenAIStoryProvider
@@ -56,7 +57,10 @@ class Upstreams:
 
 
 def breaker_store_for(
-    settings: Settings, redis: aioredis.Redis | None, observer: ResilienceObserver
+    settings: Settings,
+    redis: aioredis.Redis | None,
+    observer: ResilienceObserver,
+    gate: RedisGate | None = None,
 ) -> BreakerStore:
     if redis is None:
         return InMemoryBreakerStore()
@@ -64,6 +68,7 @@ def breaker_store_for(
         RedisBreakerStore(redis),
         budget_seconds=settings.redis.socket_timeout_ms / 1000,
         observer=observer,
+        gate=gate,
     )
 
 
@@ -74,9 +79,10 @@ async def build_upstreams(
     *,
     observer: ResilienceObserver,
     record_call: UpstreamCallRecorder = ignore_call,
+    redis_gate: RedisGate | None = None,
 ) -> Upstreams:
     res = settings.resilience
-    store = breaker_store_for(settings, redis, observer)
+    store = breaker_store_for(settings, redis, observer, redis_gate)
     breakers = {
         name: CircuitBreaker(
             name,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from app.core.state import RedisGate
 from app.providers.base import GeneratedStory, StoryRequest, Usage
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class StoryCache:
         redis_retry_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[str], None] | None = None,
+        gate: RedisGate | None = None,
     ) -> None:
         self._redis = redis
+        self._gate = gate
         self._retry_seconds = redis_retry_seconds
         self._redis_usable_at = 0.0
         self._writes: set[asyncio.Task[None]] = set()
@@ -85,9 +88,13 @@ class StoryCache:
     def _redis_usable(self) -> aioredis.Redis | None:
         if self._redis is None or self._clock() < self._redis_usable_at:
             return None
+        if self._gate is not None and not self._gate.is_open():
+            return None
         return self._redis
 
     def _redis_failed(self, action: str, error: BaseException) -> None:
+        if self._gate is not None:
+            self._gate.report_failure()
         self._redis_usable_at = self._clock() + self._retry_seconds
         logger.warning(
             "story cache: redis %s skipped; local only for %.0f s",

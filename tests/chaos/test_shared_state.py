@@ -133,3 +133,37 @@ async def test_requests_are_served_while_redis_is_gone_and_state_is_shared_again
     assert live.status_code == 200
     assert from_peer.json()["provider"] == "offline"
     assert fake_openai.count(path=COMPLETIONS) == calls_when_opened
+
+
+async def test_a_silent_redis_costs_a_request_one_budget_not_one_per_component(
+    fake_openai: FakeOpenAI,
+    fault_proxy_redis: FaultProxy,
+    redis_client: Any,
+    tmp_path: Path,
+) -> None:
+    from app.core.metrics import (
+        BREAKER_STORE_FALLBACKS,
+        RATE_LIMIT_STORAGE_FALLBACKS,
+    )
+
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db",
+        openai_base_url=fake_openai.openai_base_url,
+        redis_url=fault_proxy_redis.url_for(),
+    )
+    async with serve(settings) as client:
+        await client.post("/v1/stories", json=STORY_BODY)  # connections are warm
+        limiter_before = RATE_LIMIT_STORAGE_FALLBACKS._value.get()
+        breaker_before = BREAKER_STORE_FALLBACKS._value.get()
+        fault_proxy_redis.set_mode("blackhole")
+        response = await client.post("/v1/stories", json={**STORY_BODY, "age": 4})
+        limiter_waits = RATE_LIMIT_STORAGE_FALLBACKS._value.get() - limiter_before
+        breaker_waits = BREAKER_STORE_FALLBACKS._value.get() - breaker_before
+        fault_proxy_redis.set_mode("pass")
+
+    assert response.status_code == 201
+    assert response.json()["provider"] == "openai"
+    # The limiter ran first, spent the Redis budget and closed the gate; the
+    # breaker store then went straight to its in-process state.
+    assert limiter_waits == 1
+    assert breaker_waits == 0
