@@ -68,7 +68,7 @@ USER ${APP_UID}:${APP_GID}
 EXPOSE 8000
 
 # uvicorn drains on SIGTERM for SHUTDOWN_GRACE_SECONDS (default 35 s). Docker's
-# default stop timeout is 10 s: run with `docker stop -t 25` / compose's
+# default stop timeout is 10 s: run with `docker stop -t 45` / compose's
 # stop_grace_period: 40s, and Kubernetes' terminationGracePeriodSeconds: 45.
 STOPSIGNAL SIGTERM
 

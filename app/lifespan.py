@@ -52,6 +52,8 @@ class AppState:
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
     breaker_store: BreakerStore | None = None
     redis_gate: RedisGate | None = None
+    # Its own client: the health-check timeout, not the request path's budget.
+    health_redis: aioredis.Redis | None = None
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
 
@@ -69,10 +71,23 @@ async def open_repository(settings: Settings) -> StoryRepository:
     return await SqliteStoryRepository.open(db.sqlite_path)
 
 
-def open_redis(settings: Settings) -> aioredis.Redis | None:
+def open_redis(
+    settings: Settings,
+    *,
+    socket_timeout_seconds: float | None = None,
+    max_connections: int | None = None,
+) -> aioredis.Redis | None:
+    """The Redis client, or None when REDIS_URL is unset.
+
+    By default the request path's client: the Redis budget as its socket timeout.
+    Health checks open their own small client with the (longer) health-check
+    timeout, so a Redis that is slower than the request budget but answering
+    does not make every replica unready at once.
+    """
     if settings.redis.url is None:
         return None
     cfg = settings.redis
+    timeout = socket_timeout_seconds or cfg.socket_timeout_ms / 1000
     # Millisecond budgets: a silent Redis must cost a request milliseconds, never
     # redis-py's default seconds. One immediate retry on a *connection* error only:
     # after a Redis restart the pooled sockets are dead, and the first use of each
@@ -81,11 +96,11 @@ def open_redis(settings: Settings) -> aioredis.Redis | None:
     # budget) for a free connection instead of failing at once and failing over.
     pool = aioredis.BlockingConnectionPool.from_url(
         cfg.url.get_secret_value() if cfg.url else "",
-        socket_timeout=cfg.socket_timeout_ms / 1000,
-        socket_connect_timeout=cfg.connect_timeout_ms / 1000,
+        socket_timeout=timeout,
+        socket_connect_timeout=max(cfg.connect_timeout_ms / 1000, timeout),
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        max_connections=cfg.max_connections,
-        timeout=cfg.socket_timeout_ms / 1000,
+        max_connections=max_connections or cfg.max_connections,
+        timeout=timeout,
         health_check_interval=0,
     )
     return aioredis.Redis(connection_pool=pool)
@@ -121,6 +136,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             logger.info("migrations applied", extra={"versions": applied})
 
         redis = open_redis(settings)
+        health_redis = open_redis(
+            settings,
+            socket_timeout_seconds=settings.health.check_timeout_seconds,
+            max_connections=2,
+        )
+        if health_redis is not None:
+            stack.push_async_callback(health_redis.aclose)
         if redis is not None:
             stack.push_async_callback(redis.aclose)
             try:
@@ -172,6 +194,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             breakers=upstreams.breakers,
             breaker_store=upstreams.breaker_store,
             redis_gate=redis_gate,
+            health_redis=health_redis,
         )
         app.state.app_state = state
         # Operations (app.core.operations): rate-limit counters, maintenance flag, system
