@@ -3,22 +3,33 @@
 This is the container's exec-form `CMD` (which cannot expand variables), so
 everything an operator tunes at run time is read here instead:
 
-| variable               | default     | meaning                                                   |
-|------------------------|-------------|-----------------------------------------------------------|
-| HOST                   | 0.0.0.0     | address to bind                                           |
-| PORT                   | 8000        | port to bind                                              |
-| WEB_CONCURRENCY        | 1           | worker processes (scale pods, not workers, on Kubernetes) |
-| FORWARDED_ALLOW_IPS    | see below   | peers whose X-Forwarded-For/-Proto uvicorn believes       |
-| SHUTDOWN_GRACE_SECONDS | 35          | after SIGTERM, how long in-flight requests may finish     |
-| LOG_LEVEL              | INFO        | uvicorn's own log level (the app reads it too)            |
-| RELOAD                 | false       | restart on code changes (development only; 1 worker)      |
+| variable                 | default   | meaning                                               |
+|--------------------------|-----------|-------------------------------------------------------|
+| HOST                     | 0.0.0.0   | address to bind                                       |
+| PORT                     | 8000      | port to bind                                          |
+| WEB_CONCURRENCY          | 1         | worker processes (on Kubernetes scale pods instead)   |
+| FORWARDED_ALLOW_IPS      | see below | peers whose X-Forwarded-For/-Proto uvicorn believes   |
+| SHUTDOWN_GRACE_SECONDS   | 35        | after SIGTERM, how long in-flight requests may finish |
+| LOG_LEVEL                | INFO      | uvicorn's own log level (the app reads it too)        |
+| RELOAD                   | false     | restart on code changes (development only; 1 worker)  |
+| PROMETHEUS_MULTIPROC_DIR | unset     | metrics directory shared by the workers (see below)   |
 
 Proxy headers: the app decides who the client is from `TRUSTED_PROXIES` (rate
-limits are keyed on it). uvicorn also rewrites the client address and scheme
-from `X-Forwarded-*`, for peers in `FORWARDED_ALLOW_IPS`; unset, that follows
-`TRUSTED_PROXIES`, or is `127.0.0.1` when both are unset, so the two layers
-believe the same proxies. Never set it to `*` in production: any caller could
-then choose its own address, and with it a fresh rate-limit quota.
+limits are keyed on it). uvicorn can also rewrite the client address and scheme
+from `X-Forwarded-*` before the app sees them, for peers in
+`FORWARDED_ALLOW_IPS`; unset, that follows `TRUSTED_PROXIES` (each IPv4 entry
+also in its IPv4-mapped IPv6 form, as a dual-stack socket reports it), so the
+two layers believe the same proxies. With both unset uvicorn believes no proxy
+at all (`proxy_headers=False`): not even loopback, or a caller on the same host
+could name any address in `X-Forwarded-For` and get a fresh rate-limit quota
+per name. Never set `FORWARDED_ALLOW_IPS` to `*` in production, for the same
+reason.
+
+Metrics with several workers: with `PROMETHEUS_MULTIPROC_DIR` set, the
+directory is created if missing and emptied of prometheus-client's files
+(`*.db`) before uvicorn starts, so counters of a previous run's workers do not
+live on. `WEB_CONCURRENCY` > 1 without it starts with a warning: each worker
+would then expose only its own figures, and a scrape reads one at random.
 
 Graceful shutdown: on SIGTERM uvicorn stops accepting connections, lets
 in-flight requests run for up to `SHUTDOWN_GRACE_SECONDS`, then runs the app's
@@ -29,6 +40,11 @@ than that: compose's `stop_grace_period` and Kubernetes'
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
+from ipaddress import IPv4Network, ip_network
+from pathlib import Path
 from typing import Annotated, Any
 
 import uvicorn
@@ -36,6 +52,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 APP_IMPORT_PATH = "app.main:app"
+
+logger = logging.getLogger(__name__)
 
 
 class ServerSettings(BaseSettings):
@@ -47,7 +65,7 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"  # noqa: S104
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     web_concurrency: Annotated[int, Field(ge=1, le=64)] = 1
-    # Comma-separated addresses or networks; unset, TRUSTED_PROXIES or 127.0.0.1.
+    # Comma-separated addresses or networks; unset, TRUSTED_PROXIES; both unset, none.
     forwarded_allow_ips: str | None = None
     # The app's own list of proxies (app.core.config.ProxySettings), read here as text.
     trusted_proxies: str = ""
@@ -65,23 +83,30 @@ class ServerSettings(BaseSettings):
             raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
 
-    def proxy_allow_list(self) -> str:
-        """What uvicorn believes X-Forwarded-* from: one list with the app's by default."""
-        for candidate in (self.forwarded_allow_ips, self.trusted_proxies):
-            if candidate is not None and candidate.strip():
-                return ",".join(part.strip() for part in candidate.split(",") if part.strip())
-        return "127.0.0.1"
+    def proxy_allow_list(self) -> str | None:
+        """What uvicorn believes X-Forwarded-* from (None: nobody); the app's list by default."""
+        explicit = _entries(self.forwarded_allow_ips or "")
+        if explicit:
+            return ",".join(explicit)
+        trusted = _entries(self.trusted_proxies)
+        if not trusted:
+            return None
+        return ",".join([*trusted, *(m for e in trusted if (m := _ipv4_mapped(e)) is not None)])
 
     def uvicorn_options(self) -> dict[str, Any]:
         """Keyword arguments for `uvicorn.run`, one place to read them from."""
+        allow_list = self.proxy_allow_list()
         return {
             "host": self.host,
             "port": self.port,
             # uvicorn refuses reload with several workers; reload wins in development.
             "workers": 1 if self.reload else self.web_concurrency,
             "reload": self.reload,
-            "proxy_headers": True,
-            "forwarded_allow_ips": self.proxy_allow_list(),
+            # Trusting nobody is proxy_headers=False: uvicorn 0.54 reads a None list as
+            # $FORWARDED_ALLOW_IPS or "127.0.0.1,::1", and trusts nobody with "" only
+            # because its parser happens to never match an empty host.
+            "proxy_headers": allow_list is not None,
+            "forwarded_allow_ips": allow_list or "",
             "timeout_graceful_shutdown": self.shutdown_grace_seconds,
             "log_level": self.log_level.lower(),
             # The app writes its own access log, with the request id and route.
@@ -91,8 +116,53 @@ class ServerSettings(BaseSettings):
         }
 
 
+def _entries(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ipv4_mapped(entry: str) -> str | None:
+    """`10.0.0.0/8` as `::ffff:10.0.0.0/104`; None for anything but an IPv4 address or network."""
+    try:
+        network = ip_network(entry, strict=False)
+    except ValueError:
+        return None
+    if not isinstance(network, IPv4Network):
+        return None
+    return f"::ffff:{network.network_address}/{96 + network.prefixlen}"
+
+
+def prepare_multiprocess_metrics(
+    settings: ServerSettings, environ: Mapping[str, str] = os.environ
+) -> Path | None:
+    """Create and empty `PROMETHEUS_MULTIPROC_DIR` before any worker starts.
+
+    Read from the process environment, where prometheus-client reads it (not a
+    setting of its own: a value in `.env` would reach this function but not the
+    workers' prometheus-client). Only prometheus-client's files (`*.db`) are
+    removed: they hold the values of processes that no longer exist; anything
+    else in a mistakenly chosen directory stays. Returns the directory, or None.
+    """
+    configured = environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if not configured:
+        if settings.web_concurrency > 1 and not settings.reload:
+            logger.warning(
+                "WEB_CONCURRENCY=%d without PROMETHEUS_MULTIPROC_DIR: each worker keeps "
+                "its own metrics and /metrics shows whichever worker answers the scrape; "
+                "set PROMETHEUS_MULTIPROC_DIR to an empty directory on a tmpfs",
+                settings.web_concurrency,
+            )
+        return None
+    directory = Path(configured)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        if stale.is_file():
+            stale.unlink()
+    return directory
+
+
 def main() -> None:
     settings = ServerSettings()
+    prepare_multiprocess_metrics(settings)
     uvicorn.run(APP_IMPORT_PATH, **settings.uvicorn_options())
 
 

@@ -33,7 +33,8 @@ from app.core.resilience import (
     LoggingObserver,
     ResilienceObserver,
 )
-from app.core.state import BreakerStore, RedisGate
+from app.core.security import preload_rate_limit_script
+from app.core.state import BreakerStore, RedisGate, preload_breaker_script
 from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
 from app.providers.offline import OfflineStoryProvider
 from app.providers.registry import build_upstreams
@@ -106,6 +107,23 @@ def open_redis(
     return aioredis.Redis(connection_pool=pool)
 
 
+async def warm_redis(redis: aioredis.Redis, *, connections: int) -> None:
+    """Opens pooled connections and loads the Lua scripts before the first request.
+
+    Otherwise the first burst after a start pays connection set-up and script
+    loading inside the 50 ms Redis budget, times out, and runs on in-process
+    state (breakers then not shared) for a second. A Redis that does not answer
+    is not fatal here: readiness reports it.
+    """
+    try:
+        async with asyncio.timeout(2.0):
+            await asyncio.gather(*(redis.ping() for _ in range(connections)))
+            await preload_breaker_script(redis)
+            await preload_rate_limit_script(redis)
+    except Exception as error:
+        logger.warning("redis did not answer at start", extra={"error": repr(error)})
+
+
 async def _purge_expired_keys(repository: StoryRepository, every_seconds: float = 3600) -> None:
     """Deletes expired Idempotency-Keys now and then; a failure waits for the next round."""
     while True:
@@ -145,10 +163,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             stack.push_async_callback(health_redis.aclose)
         if redis is not None:
             stack.push_async_callback(redis.aclose)
-            try:
-                await redis.ping()
-            except Exception as error:  # readiness reports it; start anyway
-                logger.warning("redis did not answer at start", extra={"error": repr(error)})
+            await warm_redis(redis, connections=min(8, settings.redis.max_connections))
 
         # Every breaker transition, retry, rejection and fallback: logged and counted.
         observer: ResilienceObserver = CompositeObserver(LoggingObserver(), PrometheusObserver())

@@ -23,7 +23,12 @@ from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.config import MaintenanceSettings
-from app.core.metrics import record_dependency_error, record_maintenance
+from app.core.metrics import (
+    MAINTENANCE_ROUTE,
+    label_unrouted,
+    record_dependency_error,
+    record_maintenance,
+)
 from app.core.security import is_operational_path
 from app.errors import problem_response
 
@@ -102,7 +107,11 @@ class MaintenanceSwitch:
 
 
 class MaintenanceMiddleware:
-    """Pure ASGI: while maintenance is on, every non-operational request gets 503."""
+    """Pure ASGI: while maintenance is on, every non-operational request gets 503.
+
+    Those answers are counted under route `<maintenance>`, not `<unmatched>`: the
+    error-rate alerts leave them out (a planned outage pages nobody).
+    """
 
     def __init__(self, app: ASGIApp, *, switch: MaintenanceSwitch) -> None:
         self.app = app
@@ -116,6 +125,7 @@ class MaintenanceMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        label_unrouted(scope, MAINTENANCE_ROUTE)
         response = problem_response(
             503,
             "Down for maintenance",

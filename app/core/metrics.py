@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTENT_TYPE",
+    "MAINTENANCE_ROUTE",
     "MetricsMiddleware",
     "PrometheusObserver",
+    "label_unrouted",
     "multiprocess_mode",
     "record_cache",
     "record_dependency_error",
@@ -64,6 +66,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "<unmatched>"
+# Answered by maintenance mode before any route was chosen: planned, not an API error.
+MAINTENANCE_ROUTE = "<maintenance>"
+# A request-state entry naming the route label when no route template applies.
+_ROUTE_LABEL = "metrics_route_label"
 # The classic text format: every Prometheus 2.x server reads it (client 0.26 defaults to 1.0.0).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
@@ -251,11 +257,16 @@ def record_rate_limited(route: str) -> None:
     RATE_LIMITED.labels(route).inc()
 
 
-def record_rate_limit_storage(degraded: bool) -> None:
-    """The rate limiter moved to in-process counters (True) or back to Redis (False)."""
+def record_rate_limit_storage(degraded: bool, *, redis_error: bool = True) -> None:
+    """The rate limiter moved to in-process counters (True) or back to Redis (False).
+
+    `redis_error=False`: it moved without a Redis error of its own (another part of
+    the process saw Redis fail, and counted that error), so none is counted here.
+    """
     if degraded:
         RATE_LIMIT_STORAGE_FALLBACKS.inc()
-        record_dependency_error("redis", "rate_limit")
+        if redis_error:
+            record_dependency_error("redis", "rate_limit")
     RATE_LIMIT_STORAGE_DEGRADED.set(1 if degraded else 0)
 
 
@@ -366,17 +377,30 @@ def mark_process_dead() -> None:
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
+def label_unrouted(scope: Scope, label: str) -> None:
+    """Count this request under `label` (e.g. `MAINTENANCE_ROUTE`) instead of `<unmatched>`.
+
+    For middleware that answers before the router runs; a matched route still wins.
+    """
+    scope.setdefault("state", {})[_ROUTE_LABEL] = label
+
+
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED_ROUTE
+    if isinstance(path, str):
+        return path
+    label = scope.get("state", {}).get(_ROUTE_LABEL)
+    return label if isinstance(label, str) else UNMATCHED_ROUTE
 
 
 class MetricsMiddleware:
     """Pure ASGI: counts and times every HTTP request by route template and status.
 
     The route template (`/v1/stories/{story_id}`), never the raw path, so the
-    number of series stays bounded whatever callers send.
+    number of series stays bounded whatever callers send. A request no route
+    answered is `<unmatched>`, or `<maintenance>` when maintenance mode answered
+    it (so planned 503s stay out of the error-rate alerts).
     """
 
     def __init__(self, app: ASGIApp) -> None:

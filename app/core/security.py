@@ -5,7 +5,15 @@ one, else the client IP. The client IP is the direct peer's address, unless that
 peer is a configured trusted proxy (`TRUSTED_PROXIES`): then `X-Forwarded-For`
 (or, without it, `Forwarded`) is read from the right, skipping trusted hops, and
 the first untrusted address is the client. A header sent by anyone else is
-ignored, so a spoofed `X-Forwarded-For` never buys a fresh quota.
+ignored, so a spoofed `X-Forwarded-For` never buys a fresh quota. An
+IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack socket reports
+for an IPv4 peer) is read as its IPv4 address, for trust checks and keys alike.
+An IPv4 client is keyed by its address, an IPv6 client by its /64
+(`IPV6_CLIENT_PREFIX`): one subscriber usually holds a whole /64, and cycling
+through its addresses must not buy fresh quotas. Logs carry `key_hash(key)`, a
+hash keyed with a random secret drawn when the process starts: it correlates the
+requests of one client within one process, and cannot be reversed by hashing
+candidate addresses (nor correlated across processes or restarts).
 
 Rate limiting. slowapi's `Limiter` (its `@limiter.limit("5/minute")` decorator
 and `@limiter.exempt`) and `limits`' rate items and in-memory storage, but not
@@ -21,11 +29,16 @@ routers. Here the check is a route dependency, `enforce_rate_limit` (applied wit
   count and time left; the same algorithm as `limits`' fixed window, which needs
   three round trips to also return the header figures), under a hard budget
   (`RATE_LIMIT_REDIS_BUDGET_MS`). Every worker and replica shares the counts.
+  The keys of one call share a hash tag (`{client|route}`), so the script also
+  runs on Redis Cluster (all its keys in one slot, no CROSSSLOT).
 - without Redis, or while Redis fails: `limits.aio`'s `MemoryStorage` with its
   fixed-window strategy, in this process. When Redis errors or misses the
   budget, this process counts in memory for `RATE_LIMIT_REDIS_RETRY_SECONDS`,
   then one request tries Redis again: a dead or silent Redis costs at most one
-  budget per process per retry period, never a 500, never a hang.
+  budget per process per retry period, never a 500, never a hang. While the
+  process's `RedisGate` is closed (another part just saw Redis fail) it counts
+  in memory too, and says so (`degraded`), until a hit through the reopened gate
+  reaches Redis.
 
 Limits apply per client and per route (method and path template): a route's own
 limit from settings (`RATE_LIMIT_CREATE_STORY`, `RATE_LIMIT_ROUTES`), else a
@@ -43,6 +56,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +78,7 @@ from app.core.state import RedisGate
 from app.errors import AppError
 
 __all__ = [
+    "IPV6_CLIENT_PREFIX",
     "RATE_LIMITED",
     "FailoverCounters",
     "InProcessCounters",
@@ -97,6 +112,17 @@ def is_operational_path(path: str) -> bool:
 # --- client identity -----------------------------------------------------------------
 
 
+#: IPv6 clients are keyed by this many leading bits (an ISP's usual assignment: a /64).
+IPV6_CLIENT_PREFIX = 64
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """`::ffff:a.b.c.d` is the IPv4 peer a.b.c.d (as a dual-stack socket reports it)."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 class TrustedProxies:
     """The peers allowed to say who the client is (`TRUSTED_PROXIES`)."""
 
@@ -109,18 +135,20 @@ class TrustedProxies:
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, IPv4Address | IPv6Address):
             return False
+        address = _unmapped(address)
         return any(address in network for network in self.networks)
 
 
 def _parse_ip(value: str) -> IPAddress | None:
-    """An address from a forwarding header: `1.2.3.4`, `1.2.3.4:80`, `[::1]:80`, `"[::1]"`."""
+    """An address from a peer or a forwarding header: `1.2.3.4`, `1.2.3.4:80`,
+    `[::1]:80`, `"[::1]"`; an IPv4-mapped IPv6 address comes back as IPv4."""
     value = value.strip().strip('"').strip()
     if value.startswith("["):
         value = value[1 : value.find("]")] if "]" in value else ""
     elif value.count(":") == 1:  # IPv4 with a port
         value = value.split(":", 1)[0]
     try:
-        return ip_address(value)
+        return _unmapped(ip_address(value))
     except ValueError:
         return None
 
@@ -144,26 +172,36 @@ def _forwarded_chain(scope: Scope) -> list[str]:
     return chain
 
 
-def client_ip(scope: Scope, trusted: TrustedProxies) -> str:
-    """The caller's address; forwarding headers count only from a trusted peer."""
+def _client_address(scope: Scope, trusted: TrustedProxies) -> IPAddress | str:
+    """The caller's address; forwarding headers count only from a trusted peer.
+
+    The peer's own text when it is not an address (a Unix socket, a test client).
+    """
     client = scope.get("client")
     peer_text = str(client[0]) if client else ""
     peer = _parse_ip(peer_text)
-    if peer is None or peer not in trusted:
+    if peer is None:
         return peer_text or "unknown"
+    if peer not in trusted:
+        return peer
     chain = _forwarded_chain(scope)
     if not chain:
-        return str(peer)
+        return peer
     for hop in reversed(chain):
         address = _parse_ip(hop)
         if address is None:
             # A proxy we trust wrote something that is not an address
             # ("unknown", "_hidden"): the nearest address we can vouch for is its own.
-            return str(peer)
+            return peer
         if address not in trusted:
-            return str(address)
+            return address
     # Every hop is one of our proxies: the leftmost is the closest to the client.
-    return str(_parse_ip(chain[0]))
+    return _parse_ip(chain[0]) or peer
+
+
+def client_ip(scope: Scope, trusted: TrustedProxies) -> str:
+    """The caller's address (IPv4-mapped ones as IPv4); see `client_key` for its key."""
+    return str(_client_address(scope, trusted))
 
 
 def client_key(
@@ -172,8 +210,10 @@ def client_key(
     *,
     principal_of: PrincipalOf | None = None,
     anonymous: str = "anonymous",
+    ipv6_prefix: int = IPV6_CLIENT_PREFIX,
 ) -> str:
-    """`user:<principal>` for an authenticated caller, else `ip:<client address>`."""
+    """`user:<principal>` for an authenticated caller, else `ip:<IPv4 address>` or
+    `ip:<IPv6 network>/<ipv6_prefix>`."""
     if principal_of is not None:
         try:
             principal = principal_of(Request(scope))
@@ -181,12 +221,20 @@ def client_key(
             principal = anonymous
         if principal and principal != anonymous:
             return f"user:{principal}"
-    return f"ip:{client_ip(scope, trusted)}"
+    address = _client_address(scope, trusted)
+    if isinstance(address, IPv6Address):
+        return f"ip:{IPv6Network((address, ipv6_prefix), strict=False)}"
+    return f"ip:{address}"
+
+
+# Drawn once per process: `key_hash` values correlate within this process only,
+# and no one without it can test guessed addresses against a logged hash.
+_KEY_HASH_SECRET = secrets.token_bytes(32)
 
 
 def key_hash(key: str) -> str:
-    """A short, stable stand-in for a client key in logs (not the address itself)."""
-    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    """A short stand-in for a client key in logs: stable within this process only."""
+    return hashlib.blake2b(key.encode(), digest_size=8, key=_KEY_HASH_SECRET).hexdigest()
 
 
 # --- slowapi's decorator interface -------------------------------------------------------
@@ -295,8 +343,23 @@ return out
 """
 
 
+def _tag_text(value: str) -> str:
+    """`value` with no brace left in it (Redis Cluster ends a hash tag at the first `}`)."""
+    return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+async def preload_rate_limit_script(redis: Redis) -> None:
+    """Loads the rate-limit script into Redis, so the first call needs no second trip."""
+    await redis.script_load(_FIXED_WINDOW_LUA)
+
+
 class RedisCounters:
-    """Fixed windows in Redis, shared by every process: one script call per request."""
+    """Fixed windows in Redis, shared by every process: one script call per request.
+
+    Keys read `story:ratelimit:{<client>|<route>}:<amount>/<multiples>/<unit>`: the
+    part in braces is a Redis Cluster hash tag, so the keys of every limit of one
+    route and client, which one script call touches together, live in one slot.
+    """
 
     KEY_PREFIX = "story:ratelimit:"
 
@@ -305,7 +368,8 @@ class RedisCounters:
         self._script = redis.register_script(_FIXED_WINDOW_LUA)
 
     def key(self, item: RateLimitItem, client: str, scope: str) -> str:
-        return self.KEY_PREFIX + item.key_for(client, scope)
+        window = f"{item.amount}/{item.multiples}/{item.GRANULARITY.name}"
+        return f"{self.KEY_PREFIX}{{{_tag_text(client)}|{_tag_text(scope)}}}:{window}"
 
     async def hit(
         self, items: Sequence[RateLimitItem], client: str, scope: str
@@ -331,7 +395,11 @@ class FailoverCounters:
     """Redis within a hard time budget; in-process counters when Redis fails or is slow.
 
     After a failure this process counts in memory for `retry_seconds`; then a single
-    request tries Redis again (others keep counting in memory meanwhile).
+    request tries Redis again (others keep counting in memory meanwhile). While the
+    `gate` is closed (another part of this process saw Redis fail) it counts in
+    memory as well, and reports itself degraded; that is not a failure of its own:
+    the gate is not told again and no retry time is set, so the first hit after
+    the gate reopens tries Redis.
     """
 
     def __init__(
@@ -372,6 +440,7 @@ class FailoverCounters:
             return await self.local.hit(items, client, scope)
         if self.gate is not None and not self.gate.is_open():
             # Another part of this process just saw Redis fail: count here for now.
+            self._behind_closed_gate()
             return await self.local.hit(items, client, scope)
         probe = False
         if self._degraded:
@@ -393,6 +462,17 @@ class FailoverCounters:
             record_rate_limit_storage(degraded=False)
             logger.info("rate limit storage: Redis answers again; counts are shared")
         return results
+
+    def _behind_closed_gate(self) -> None:
+        if self._degraded:
+            return
+        self._degraded = True
+        self.last_error = "Redis gate closed: another part of this process saw Redis fail"
+        record_rate_limit_storage(degraded=True, redis_error=False)
+        logger.warning(
+            "rate limit storage: Redis gate closed; counting in this process",
+            extra={"error": self.last_error},
+        )
 
     def _fail(self, error: BaseException) -> None:
         if self.gate is not None:

@@ -9,8 +9,11 @@ event or a transaction is sent:
   would carry the prompt in its repr), nor OpenAI prompts and completions in spans;
 - every key that names a secret or a prompt (`authorization`, `api_key`, `token`,
   `prompt`, ... see `DENYLIST`) is filtered at any depth, headers included;
-- strings that look like credentials (`sk-...`, `r8_...`, `Bearer ...`) are
-  masked wherever they appear, messages and breadcrumbs included.
+- strings that look like credentials (`sk-...`, `r8_...`, `Bearer ...`, the
+  password of a URL such as `redis://:password@host`, with or without a user)
+  are masked wherever they appear, messages and breadcrumbs included;
+- pydantic's `input_value=...` in validation messages (the rejected input,
+  which may be a prompt) becomes `input_value=[Filtered]`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,16 @@ DENYLIST = sorted(
 _DENIED = frozenset(DENYLIST)
 _SECRET_PATTERN = re.compile(
     r"(?:\bsk-[A-Za-z0-9_\-]{6,}|\br8_[A-Za-z0-9]{6,}|(?i:bearer)\s+[A-Za-z0-9._~+/\-]+=*"
-    r"|\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:[^\s@/]+@)"
+    # scheme://user:password@ and scheme://:password@ (Redis has no user by default)
+    r"|\b(?i:[a-z][a-z0-9+.\-]*)://[^\s:/@]*:[^\s@]+@)"
+)
+# pydantic writes the rejected input as `input_value=<repr>, input_type=<type>`: a
+# quoted repr up to its closing quote, anything else up to `, input_type=` or the
+# end of the line (so a message cut short loses the rest of its line, not a prompt).
+_INPUT_VALUE_PATTERN = re.compile(
+    r"""input_value=(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[^\n]*?)"""
+    r"(?=, input_type=|$)",
+    re.MULTILINE,
 )
 
 
@@ -69,6 +81,7 @@ def _scrub(value: Any) -> Any:
             return [value[0], FILTERED]
         return [_scrub(item) for item in value]
     if isinstance(value, str):
+        value = _INPUT_VALUE_PATTERN.sub(f"input_value={FILTERED}", value)
         return _SECRET_PATTERN.sub(FILTERED, value)
     return value
 

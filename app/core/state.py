@@ -353,6 +353,11 @@ def _transition(reply: list[object], at: int = 0) -> Transition | None:
     return Transition(BreakerState(_text(reply[at])), BreakerState(_text(reply[at + 1])))
 
 
+async def preload_breaker_script(redis: Redis) -> None:
+    """Loads the breaker script into Redis, so the first call needs no second trip."""
+    await redis.script_load(_BREAKER_LUA)
+
+
 class RedisBreakerStore:
     """Breaker state shared through Redis; each operation is one Lua script call.
 

@@ -36,6 +36,11 @@ def server_env(
         "RESILIENCE_RETRY_MAX_DELAY_SECONDS": "0.05",
         "LOG_LEVEL": "WARNING",
         "RATE_LIMIT_CREATE_STORY": "10000/minute",
+        # These tests prove what is shared while Redis answers. On a loaded CI box
+        # event-loop lag alone can outlast the 50 ms production budget and send a
+        # call to in-process state (tested separately, with a fault proxy).
+        "REDIS_SOCKET_TIMEOUT_MS": "500",
+        "RATE_LIMIT_REDIS_BUDGET_MS": "500",
     }
     env.update(extra)
     return env

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from app.core.config import MaintenanceSettings
@@ -48,6 +49,26 @@ async def test_health_and_metrics_stay_up_in_maintenance(tmp_path: Path) -> None
     mode = health["checks"]["maintenance:mode"][0]
     assert mode["status"] == "warn"
     assert mode["observedValue"] is True
+
+
+async def test_maintenance_answers_are_counted_apart_from_api_errors(tmp_path: Path) -> None:
+    maintained = {"method": "GET", "route": "<maintenance>", "status": "503"}
+    unmatched = {"method": "GET", "route": "<unmatched>", "status": "503"}
+    before = {
+        "maintenance": REGISTRY.get_sample_value("story_http_requests_total", maintained) or 0,
+        "unmatched": REGISTRY.get_sample_value("story_http_requests_total", unmatched) or 0,
+    }
+    settings = ops_settings(tmp_path, maintenance=maintenance(mode=True))
+    async with running(settings) as (_, client):
+        for _ in range(3):
+            assert (await client.get("/v1/stories")).status_code == 503
+
+    after = {
+        "maintenance": REGISTRY.get_sample_value("story_http_requests_total", maintained) or 0,
+        "unmatched": REGISTRY.get_sample_value("story_http_requests_total", unmatched) or 0,
+    }
+    assert after["maintenance"] == before["maintenance"] + 3
+    assert after["unmatched"] == before["unmatched"]
 
 
 async def settled_status(client: httpx.AsyncClient, expected: int) -> int:

@@ -198,3 +198,23 @@ def test_with_a_multiprocess_directory_two_workers_report_one_sum(tmp_path: Path
     labels = {"method": "GET", "route": "/v1/recommendations", "status": "200"}
     assert len(workers) == 2, f"only {workers} served {sent} requests"
     assert sample(text, "story_http_requests_total", **labels) == sent
+
+
+@pytest.mark.slow
+def test_a_restarted_server_does_not_report_the_previous_runs_counts(tmp_path: Path) -> None:
+    directory = tmp_path / "not-yet" / "prometheus"  # `python -m app` creates it
+    env = {
+        "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        "DATABASE_SQLITE_PATH": str(tmp_path / "stories.sqlite3"),
+    }
+    labels = {"method": "GET", "route": "/v1/recommendations", "status": "200"}
+    with app_server(env) as server:
+        for _ in range(3):
+            httpx.get(f"{server.url}/v1/recommendations", params={"age": 6}, timeout=10)
+        before_restart = httpx.get(f"{server.url}/metrics", timeout=10).text
+    with app_server(env) as server:
+        after_restart = httpx.get(f"{server.url}/metrics", timeout=10).text
+
+    assert sample(before_restart, "story_http_requests_total", **labels) == 3
+    assert sample(after_restart, "story_http_requests_total", **labels) == 0

@@ -10,10 +10,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import APIRouter, Request
-from limits import parse
+from limits import parse, parse_many
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from app.core.config import RateLimitSettings, RedisSettings
+from app.core.resilience import FakeClock
 from app.core.security import (
     RATE_LIMITED,
     FailoverCounters,
@@ -22,9 +25,10 @@ from app.core.security import (
     WindowResult,
     limiter,
 )
+from app.core.state import RedisGate
 from app.main import create_app
 from tests.fakes.fault_proxy import FaultProxy
-from tests.ops.apps import ops_settings, running
+from tests.ops.apps import app_state, ops_settings, running
 from tests.support import STORY_BODY
 
 
@@ -263,6 +267,62 @@ async def test_after_the_retry_time_redis_is_tried_again_and_shared_counting_res
     assert not counters.degraded
 
 
+def storage_degraded_gauge() -> float:
+    return REGISTRY.get_sample_value("story_rate_limit_storage_degraded") or 0.0
+
+
+async def test_while_the_redis_gate_is_closed_the_limiter_reports_itself_degraded() -> None:
+    clock = FakeClock()
+    gate = RedisGate(cool_down_seconds=1.0, clock=clock)
+    redis = ScriptedRedisCounters()
+    redis.failing = False
+    counters = FailoverCounters(
+        redis,  # type: ignore[arg-type]
+        InProcessCounters(),
+        retry_seconds=5,
+        clock=clock.monotonic,
+        gate=gate,
+    )
+    await counters.hit(ITEMS, "ip:1", "GET /x")
+    assert counters.shared
+    assert storage_degraded_gauge() == 0
+
+    gate.report_failure()  # the breaker store or the cache saw Redis fail
+    await counters.hit(ITEMS, "ip:1", "GET /x")
+
+    assert redis.calls == 1, "Redis was called through a closed gate"
+    assert counters.degraded
+    assert not counters.shared
+    assert counters.last_error is not None
+    assert storage_degraded_gauge() == 1
+
+
+async def test_counting_locally_behind_the_gate_neither_closes_it_again_nor_delays_redis() -> None:
+    clock = FakeClock()
+    gate = RedisGate(cool_down_seconds=1.0, clock=clock)
+    redis = ScriptedRedisCounters()
+    redis.failing = False
+    counters = FailoverCounters(
+        redis,  # type: ignore[arg-type]
+        InProcessCounters(),
+        retry_seconds=5,
+        clock=clock.monotonic,
+        gate=gate,
+    )
+    gate.report_failure()
+    clock.advance(0.9)
+    await counters.hit(ITEMS, "ip:1", "GET /x")  # behind the gate: local
+
+    clock.advance(0.1)  # the gate reopens 1 s after the failure it was told of
+    assert gate.is_open()
+    await counters.hit(ITEMS, "ip:1", "GET /x")
+
+    assert redis.calls == 1, "the first hit after the gate reopened did not try Redis"
+    assert counters.shared
+    assert not counters.degraded
+    assert storage_degraded_gauge() == 0
+
+
 async def test_in_process_counters_refuse_past_the_limit() -> None:
     counters = InProcessCounters()
 
@@ -289,3 +349,81 @@ async def test_redis_counters_count_and_expire_each_window_in_one_script(
     assert [r.remaining for r in results] == [1, 0, 0]
     assert 0 < ttl <= 60
     assert time.time() < results[0].reset_at <= time.time() + 60
+
+
+async def test_health_shows_the_limiter_in_process_while_the_redis_gate_is_closed(
+    tmp_path: Path, redis_url: str, redis_client: Redis
+) -> None:
+    settings = ops_settings(tmp_path, redis_url=redis_url)
+    async with running(settings) as (app, client):
+        gate = app_state(app).redis_gate
+        assert gate is not None
+        gate.cool_down_seconds = 60  # stays closed for the rest of the test
+        gate.report_failure()
+        await client.get("/v1/stories")
+        health = (await client.get("/health")).json()
+
+    storage = health["checks"]["rateLimiter:storage"][0]
+    assert storage["status"] == "warn"
+    assert storage["observedValue"] == "in-process"
+
+
+# --- Redis Cluster: every key of one script call in one hash slot ------------------------
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes: the text between the first `{` and the next `}`."""
+    start = key.index("{")
+    return key[start + 1 : key.index("}", start + 1)]
+
+
+@pytest.mark.parametrize(
+    ("client", "scope"),
+    [
+        ("ip:203.0.113.7", "POST /v1/stories"),
+        ("ip:2001:db8:1:2::/64", "GET /v1/stories/{story_id}"),
+        ("user:}{odd}", "GET /v1/stories/{story_id}"),
+    ],
+)
+def test_the_keys_of_a_multi_limit_route_share_one_hash_tag_and_slot(
+    client: str, scope: str
+) -> None:
+    counters = RedisCounters(Redis())  # no connection is made to build keys
+    items = parse_many("20/minute;200/hour;1000/day")
+
+    keys = [counters.key(item, client, scope) for item in items]
+
+    assert len(set(keys)) == 3
+    tags = {hash_tag(key) for key in keys}
+    assert len(tags) == 1
+    assert tags.pop(), "an empty hash tag makes Redis hash the whole key"
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+
+
+def test_different_clients_of_one_route_get_different_hash_tags() -> None:
+    counters = RedisCounters(Redis())
+    item = parse("20/minute")
+
+    one = counters.key(item, "ip:203.0.113.7", "POST /v1/stories")
+    other = counters.key(item, "ip:203.0.113.8", "POST /v1/stories")
+
+    assert hash_tag(one) != hash_tag(other)
+
+
+@pytest.mark.redis
+async def test_a_multi_limit_route_counts_every_limit_in_redis(
+    redis_client: Redis, redis_url: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        counters = RedisCounters(client)
+        items = parse_many("2/minute;3/hour")
+        results = [await counters.hit(items, "ip:1", "GET /x") for _ in range(3)]
+    finally:
+        await client.aclose()
+
+    assert [[r.allowed for r in rs] for rs in results] == [
+        [True, True],
+        [True, True],
+        [False, True],
+    ]

@@ -144,6 +144,64 @@ def test_scrubbing_removes_bodies_credentials_and_prompts_at_any_depth() -> None
     assert scrubbed["request"]["headers"]["Accept"] == "application/json"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "redis://:hunter2@redis:6379/0",
+        "rediss://:hunter2@cache.internal:6380",
+        "redis://default:hunter2@redis:6379/0",
+        "postgresql://story:hunter2@db:5432/stories",
+        "Error 111 connecting to redis://:hunter2@127.0.0.1:6379. Connection refused.",
+    ],
+)
+def test_passwords_in_urls_are_filtered_with_or_without_a_user(text: str) -> None:
+    scrubbed = scrub_event({"message": text, "extra": {"detail": text}})
+
+    assert "hunter2" not in json.dumps(scrubbed)
+
+
+def test_pydantic_input_values_are_filtered_from_exception_messages() -> None:
+    from pydantic import BaseModel, Field, ValidationError
+
+    class Story(BaseModel):
+        prompt: str = Field(max_length=10)
+        age: int
+
+    try:
+        Story.model_validate({"prompt": PROMPT, "age": {"note": PROMPT}})
+    except ValidationError as error:
+        message = str(error)
+    # What pydantic writes: the start and the end of the prompt, twice.
+    assert message.count("a shy unicorn") == message.count("under the stairs") == 2
+    event = {
+        "exception": {"values": [{"type": "ValidationError", "value": message}]},
+        "logentry": {"message": message},
+    }
+
+    text = json.dumps(scrub_event(event))
+
+    assert "a shy unicorn" not in text
+    assert "under the stairs" not in text
+    assert "input_value=[Filtered]" in text
+    assert "input_type=str" in text  # the rest of the message stays useful
+    assert "string_too_long" in text
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        "input_value='a shy Zorbleflax, input_type=str', input_type=str]",
+        'input_value="it\'s Zorbleflax", input_type=str]',
+        "input_value={'prompt': 'Zorbleflax'}, input_type=dict]",
+        "input_value='Zorbleflax",  # cut off mid-value
+    ],
+)
+def test_input_values_are_filtered_whatever_their_shape(fragment: str) -> None:
+    text = json.dumps(scrub_event({"message": f"1 validation error [type=x, {fragment}"}))
+
+    assert "Zorbleflax" not in text
+
+
 def test_without_a_dsn_sentry_stays_off(tmp_path: Path) -> None:
     from app.core.sentry import init_sentry
 

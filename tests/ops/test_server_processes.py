@@ -59,6 +59,25 @@ def test_a_spoofed_x_forwarded_for_from_an_untrusted_peer_does_not_change_the_ke
     assert statuses == [200, 200, 200, 429, 429]
 
 
+def test_without_trusted_proxies_a_loopback_caller_cannot_buy_quota_with_x_forwarded_for(
+    tmp_path: Path,
+) -> None:
+    # Nothing is trusted: not even uvicorn may rewrite the client from the header.
+    env = {
+        "DATABASE_SQLITE_PATH": str(tmp_path / "stories.sqlite3"),
+        "RATE_LIMIT_DEFAULT": "5/minute",
+    }
+    with app_server(env) as server, from_address("127.0.0.1") as caller:
+        statuses = [
+            caller.get(
+                f"{server.url}/v1/stories", headers={"X-Forwarded-For": f"198.51.100.{n}"}
+            ).status_code
+            for n in range(7)
+        ]
+
+    assert statuses == [200] * 5 + [429, 429]
+
+
 def test_a_trusted_proxy_forwarding_for_different_clients_gives_each_its_own_limit(
     tmp_path: Path,
 ) -> None:
