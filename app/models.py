@@ -29,6 +29,7 @@ class StoryRecord:
     completion_tokens: int
     generation_ms: int
     created_at: datetime
+    illustrate: bool = False  # asked for a picture (illustration_url None: none could be drawn)
 
 
 @dataclass(frozen=True, slots=True)

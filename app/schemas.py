@@ -67,6 +67,7 @@ class StoryOut(BaseModel):
     length: str
     provider: str
     degraded: bool
+    illustrate: bool
     illustration: IllustrationOut | None
     created_at: datetime
 
@@ -82,6 +83,7 @@ class StoryOut(BaseModel):
             length=story.length,
             provider=story.provider,
             degraded=story.degraded,
+            illustrate=story.illustrate,
             illustration=IllustrationOut(url=story.illustration_url)
             if story.illustration_url
             else None,

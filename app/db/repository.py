@@ -90,7 +90,8 @@ _MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
 
 _COLUMNS = (
     "id, owner, title, paragraphs, prompt, age, length, language, provider, model, "
-    "degraded, illustration_url, prompt_tokens, completion_tokens, generation_ms, created_at"
+    "degraded, illustration_url, prompt_tokens, completion_tokens, generation_ms, created_at, "
+    "illustrate"
 )
 
 
@@ -207,6 +208,7 @@ def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
         completion_tokens=row["completion_tokens"],
         generation_ms=row["generation_ms"],
         created_at=row["created_at"],
+        illustrate=row["illustrate"],
     )
 
 
@@ -326,7 +328,7 @@ class PostgresStoryRepository:
     async def _insert(conn: asyncpg.Connection, story: StoryRecord) -> None:
         await conn.execute(
             f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
             story.id,
             story.owner,
             story.title,
@@ -343,6 +345,7 @@ class PostgresStoryRepository:
             story.completion_tokens,
             story.generation_ms,
             story.created_at,
+            story.illustrate,
         )
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
@@ -420,6 +423,7 @@ def _record_from_sqlite(row: Any) -> StoryRecord:
         completion_tokens=row["completion_tokens"],
         generation_ms=row["generation_ms"],
         created_at=datetime.fromisoformat(row["created_at"]),
+        illustrate=bool(row["illustrate"]),
     )
 
 
@@ -555,7 +559,7 @@ class SqliteStoryRepository:
     async def _insert(self, story: StoryRecord) -> None:
         await self._conn.execute(
             f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(story.id),
                 story.owner,
@@ -573,6 +577,7 @@ class SqliteStoryRepository:
                 story.completion_tokens,
                 story.generation_ms,
                 _iso(story.created_at),
+                int(story.illustrate),
             ),
         )
 

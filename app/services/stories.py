@@ -239,6 +239,7 @@ class StoryService:
             model=story.model,
             degraded=degraded,
             illustration_url=illustration_url,
+            illustrate=illustrate,
             prompt_tokens=story.usage.prompt_tokens,
             completion_tokens=story.usage.completion_tokens,
             generation_ms=round((time.perf_counter() - started) * 1000),

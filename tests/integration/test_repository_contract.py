@@ -54,6 +54,7 @@ def story(
         completion_tokens=345,
         generation_ms=678,
         created_at=at,
+        illustrate=True,
     )
 
 
@@ -135,6 +136,7 @@ async def test_migrating_twice_applies_nothing_the_second_time(
 ) -> None:
     assert await repository.migrate() == []
     assert "0001_stories" in await repository.applied_migrations()
+    assert "0003_stories_illustrate" in await repository.applied_migrations()
 
 
 async def test_ping_measures_a_round_trip(repository: StoryRepository) -> None:

@@ -55,6 +55,7 @@ async def test_create_returns_201_with_location_and_the_story(
     assert story["age"] == 6
     assert story["language"] == "en"
     assert story["illustration"] is None
+    assert story["illustrate"] is False
     assert len(story["paragraphs"]) == 3
     assert "dragon" in story["title"]
     assert story["created_at"].endswith("Z")

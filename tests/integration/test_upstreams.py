@@ -171,6 +171,7 @@ async def test_a_failed_illustration_is_dropped_not_fatal(
 
     assert response.status_code == 201
     assert response.json()["illustration"] is None
+    assert response.json()["illustrate"] is True  # asked for, but could not be drawn
     assert response.json()["provider"] == "openai"
 
 
