@@ -9,7 +9,6 @@ reverse order, at shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.core.background import stop_task
 from app.core.config import Settings
 from app.core.metrics import PrometheusObserver, record_cache, record_upstream_call
 from app.core.observability import configure_logging
@@ -136,12 +136,6 @@ async def _purge_expired_keys(repository: StoryRepository, every_seconds: float 
         await asyncio.sleep(every_seconds)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     settings: Settings = app.state.settings
@@ -200,7 +194,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             ),
         )
         purger = asyncio.create_task(_purge_expired_keys(repository), name="purge-keys")
-        stack.push_async_callback(_cancel, purger)
+        stack.push_async_callback(stop_task, purger)
         state = AppState(
             settings=settings,
             repository=repository,

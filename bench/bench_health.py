@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fakes.fault_proxy import FaultProxy  # noqa: E402  (needs ROOT on the path)
+from tests.support import free_port, server_process  # noqa: E402
 
 bare_app = FastAPI()
 
@@ -73,46 +70,6 @@ async def stock_live() -> dict[str, str]:
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def server(command: list[str], env: dict[str, str], port: int) -> Iterator[str]:
-    """A server process on 127.0.0.1:`port`; stopped by pid (SIGTERM, then SIGKILL)."""
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while not _answers(f"{url}/health/live") and not _answers(f"{url}/bare"):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"server did not start:\n{log.read().decode()}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310  (loopback)
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def redis_answers(host: str, port: int) -> bool:
@@ -223,9 +180,8 @@ async def run(args: argparse.Namespace) -> None:
     results: list[Result] = []
     workdir = tempfile.TemporaryDirectory()
     bare_port, app_port = free_port(), free_port()
-    python = sys.executable
     bare_cmd = [
-        python, "-m", "uvicorn", "bench_health:bare_app", "--app-dir", "bench",
+        "-m", "uvicorn", "bench_health:bare_app", "--app-dir", "bench",
         "--host", "127.0.0.1", "--port", str(bare_port), "--no-access-log",
         "--log-level", "warning",
     ]  # fmt: skip
@@ -244,9 +200,10 @@ async def run(args: argparse.Namespace) -> None:
         app_env["REDIS_URL"] = proxy.url_for(path="/15")
     try:
         with (
-            server(bare_cmd, base_env, bare_port) as bare_url,
-            server([python, "-m", "app"], app_env, app_port) as app_url,
+            server_process(bare_cmd, base_env, port=bare_port, ready_paths=("/bare",)) as bare,
+            server_process(["-m", "app"], app_env, port=app_port) as app,
         ):
+            bare_url, app_url = bare.url, app.url
             connector = aiohttp.TCPConnector(limit=args.concurrency)
             async with aiohttp.ClientSession(connector=connector) as session:
                 common = {
@@ -311,12 +268,13 @@ async def stock_slowapi_rows(
     """The same slow-Redis measurement against stock slowapi (synchronous Redis calls)."""
     port = free_port()
     command = [
-        sys.executable, "-m", "uvicorn", "bench_health:stock_slowapi_app", "--app-dir", "bench",
+        "-m", "uvicorn", "bench_health:stock_slowapi_app", "--app-dir", "bench",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     env = {**base_env, "BENCH_SLOWAPI_STORAGE": proxy.url_for(path="/15")}
     rows = []
-    with server(command, env, port) as url:
+    with server_process(command, env, port=port, ready_paths=("/bare",)) as stock:
+        url = stock.url
         connector = aiohttp.TCPConnector(limit=args.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
             probe = {

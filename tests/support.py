@@ -7,18 +7,21 @@ the environment cannot change which providers a test talks to.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app.core.config import (
@@ -90,15 +93,25 @@ def make_settings(
 
 
 @asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app, lifespan started, reached over ASGI by an HTTP client."""
-    app = create_app(settings)
+async def serve_app(
+    settings: Settings, *, app: FastAPI | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The real app (built from `settings` unless given), lifespan started, and an
+    HTTP client reaching it over ASGI."""
+    app = app or create_app(settings)
     async with (
         LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver"
         ) as client,
     ):
+        yield app, client
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app, lifespan started, reached over ASGI by an HTTP client."""
+    async with serve_app(settings) as (_, client):
         yield client
 
 
@@ -109,57 +122,107 @@ def free_port() -> int:
         return port
 
 
-@contextmanager
-def uvicorn_process(env: Mapping[str, str], *, port: int | None = None) -> Iterator[str]:
-    """`uvicorn app.main:app` as an operator runs it, in a child process; yields its URL.
+# A child server's settings come from the `env` it is given, never from the
+# developer's shell.
+_OWN_PREFIXES = (
+    "OPENAI_",
+    "REPLICATE_",
+    "DATABASE_",
+    "REDIS_",
+    "RATE_LIMIT_",
+    "HEALTH_",
+    "SENTRY_",
+    "MAINTENANCE_",
+    "SHUTDOWN_",
+    "TRUSTED_PROXIES",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "WEB_CONCURRENCY",
+    "FORWARDED_ALLOW_IPS",
+)
 
-    Stopped by its own process id (SIGTERM, then SIGKILL after 10 s).
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+@contextmanager
+def server_process(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    port: int,
+    ready_paths: Sequence[str] = ("/health/live",),
+    ready_within: float = 30.0,
+) -> Iterator[Server]:
+    """`python <args>` in a child process serving on 127.0.0.1:`port`.
+
+    Yields once one of `ready_paths` answers 200; stopped by its process id
+    (SIGTERM, then SIGKILL to the process group it leads: its workers go too).
+    Its output goes to a file, not a pipe: a pipe nobody reads fills up and
+    stalls the server.
     """
-    port = port or free_port()
-    child_env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("OPENAI_", "REPLICATE_", "DATABASE_", "REDIS_"))
-    }
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
     child_env.update(env)
-    # A file, not a pipe: a pipe nobody reads fills up and stalls the server.
     with tempfile.TemporaryFile() as log:
-        command = [sys.executable, "-m", "uvicorn", "app.main:app"]
         process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, *args],
             cwd=ROOT,
             env=child_env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group
         )
-        url = f"http://127.0.0.1:{port}"
+        server = Server(f"http://127.0.0.1:{port}", process, log)
         try:
-            _wait_until_live(process, url, log)
-            yield url
+            _wait_until_ready(server, ready_paths, ready_within)
+            yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            stop(process)
 
 
-def _wait_until_live(process: subprocess.Popen[bytes], url: str, log: IO[bytes]) -> None:
-    deadline = time.monotonic() + 30
+def stop(process: subprocess.Popen[bytes], *, grace: float = 15.0) -> None:
+    """SIGTERM by pid; after `grace` s, SIGKILL to the group this process leads."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+def _wait_until_ready(server: Server, paths: Sequence[str], within: float) -> None:
+    deadline = time.monotonic() + within
     while True:
-        if process.poll() is not None:
-            log.seek(0)
-            output = log.read().decode(errors="replace")
-            raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
-        try:
-            if httpx.get(f"{url}/health/live", timeout=0.5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {server.process.returncode}:\n{server.output()}"
+            )
+        for path in paths:
+            try:
+                if httpx.get(f"{server.url}{path}", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
         if time.monotonic() > deadline:
-            raise RuntimeError("server did not become live within 30 s")
+            raise RuntimeError(f"server not ready within {within} s:\n{server.output()}")
         time.sleep(0.1)
+
+
+@contextmanager
+def uvicorn_process(env: Mapping[str, str], *, port: int | None = None) -> Iterator[str]:
+    """`uvicorn app.main:app` as an operator runs it, in a child process; yields its URL."""
+    port = port or free_port()
+    args = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with server_process(args, env, port=port) as server:
+        yield server.url
 
 
 STORY_BODY: dict[str, Any] = {

@@ -16,12 +16,12 @@ stands (an outage of Redis neither starts nor ends maintenance).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.core.background import stop_task
 from app.core.config import MaintenanceSettings
 from app.core.metrics import (
     MAINTENANCE_ROUTE,
@@ -95,10 +95,7 @@ class MaintenanceSwitch:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def _poll(self) -> None:
         while True:

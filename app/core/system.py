@@ -16,7 +16,6 @@ the host (`basis == "host"`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from app.core.background import stop_task
 from app.core.metrics import record_system
 
 logger = logging.getLogger(__name__)
@@ -178,10 +178,7 @@ class SystemMonitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def _run(self) -> None:
         while True:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from app.core.config import RateLimitSettings, Settings
 from app.lifespan import AppState
-from app.main import create_app
-from tests.support import make_settings
+from tests.support import make_settings, serve_app
 
 
 def ops_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -26,19 +21,8 @@ def ops_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return make_settings(sqlite_path=tmp_path / "stories.sqlite3", **overrides)
 
 
-@asynccontextmanager
-async def running(
-    settings: Settings, *, app: FastAPI | None = None
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The app (built from `settings` unless given) started, and an ASGI client for it."""
-    app = app or create_app(settings)
-    async with (
-        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver"
-        ) as client,
-    ):
-        yield app, client
+# The app started, with an ASGI client: `(app, client)`.
+running = serve_app
 
 
 def app_state(app: FastAPI) -> AppState:
