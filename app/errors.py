@@ -149,12 +149,17 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
+# Framework-raised HTTP errors, rendered as the matching AppError would be.
+_HTTP_PROBLEMS: dict[int, tuple[str, str]] = {
+    404: (NotFoundError.title, NotFoundError.slug),
+    405: ("Method not allowed", "method-not-allowed"),
+    413: (PayloadTooLargeError.title, PayloadTooLargeError.slug),
+}
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
-        exc.status_code, "http-error"
-    )
-    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+    title, slug = _HTTP_PROBLEMS.get(exc.status_code, ("HTTP error", "http-error"))
     return problem_response(
         exc.status_code,
         title,

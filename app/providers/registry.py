@@ -9,7 +9,7 @@ an in-process fallback within the Redis budget), in-process otherwise.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -53,7 +53,6 @@ class Upstreams:
     illustrator: IllustrationProvider | None
     breakers: dict[str, CircuitBreaker]
     breaker_store: BreakerStore
-    bulkheads: dict[str, Bulkhead] = field(default_factory=dict)
 
 
 def breaker_store_for(
@@ -157,5 +156,4 @@ async def build_upstreams(
         illustrator=illustrator,
         breakers=breakers,
         breaker_store=store,
-        bulkheads=bulkheads,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,24 @@ async def test_an_oversized_body_is_a_413_problem(settings_for: SettingsFactory)
         response = await client.post("/v1/stories", json={**STORY_BODY, "prompt": "x" * 5000})
 
     assert_problem(response, 413)
+
+
+async def test_an_oversized_streamed_body_is_the_same_413_problem(
+    settings_for: SettingsFactory,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 1024
+
+    async with serve(settings_for(max_body_bytes=2048)) as client:
+        declared = await client.post("/v1/stories", content=b"x" * 4096)
+        streamed = await client.post(
+            "/v1/stories", content=chunks(), headers={"content-type": "application/json"}
+        )
+
+    assert "content-length" not in streamed.request.headers
+    first, second = assert_problem(declared, 413), assert_problem(streamed, 413)
+    assert (second["type"], second["title"]) == (first["type"], first["title"])
 
 
 async def test_language_tags_are_accepted_case_insensitively_and_canonicalised(

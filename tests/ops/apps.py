@@ -7,17 +7,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.core.config import RateLimitSettings, Settings
+from app.core.config import Settings
 from app.lifespan import AppState
 from tests.support import make_settings, serve_app
 
 
 def ops_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    """Test settings on the embedded database; the rate limits are generous unless given."""
-    overrides.setdefault(
-        "rate_limit",
-        RateLimitSettings(_env_file=None, default="1000/minute", create_story="1000/minute"),
-    )
+    """Test settings on the embedded database (`make_settings`: generous rate limits
+    unless given)."""
     return make_settings(sqlite_path=tmp_path / "stories.sqlite3", **overrides)
 
 
