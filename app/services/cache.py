@@ -8,8 +8,8 @@ served (`provider: "cache"`, `degraded: true`) before the offline storyteller.
 Two tiers: an in-process LRU, always; Redis, when configured, so every replica
 shares what any of them wrote. Every Redis call runs under the Redis budget.
 Writes go to Redis in the background, off the response path. After a Redis
-failure the cache stays local for `redis_retry_seconds` (as the breaker store
-does), so a silent Redis costs one budget now and then, not one per request.
+failure the cache stays local until the process's `RedisGate` reopens (1 s),
+so a silent Redis costs one budget now and then, not one per request.
 """
 
 from __future__ import annotations
@@ -67,15 +67,14 @@ class StoryCache:
         max_local_entries: int = 1000,
         redis_budget_seconds: float = 0.05,
         key_prefix: str = "story:cache:",
-        redis_retry_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[str], None] | None = None,
         gate: RedisGate | None = None,
     ) -> None:
         self._redis = redis
-        self._gate = gate
-        self._retry_seconds = redis_retry_seconds
-        self._redis_usable_at = 0.0
+        # After a Redis failure, local only until the gate reopens: the process's
+        # shared gate (so other Redis users skip too), or one of its own.
+        self._gate = gate or RedisGate()
         self._writes: set[asyncio.Task[None]] = set()
         self._ttl = ttl_seconds
         self._max_local = max_local_entries
@@ -86,20 +85,16 @@ class StoryCache:
         self._on_result = on_result or (lambda _result: None)
 
     def _redis_usable(self) -> aioredis.Redis | None:
-        if self._redis is None or self._clock() < self._redis_usable_at:
-            return None
-        if self._gate is not None and not self._gate.is_open():
+        if self._redis is None or not self._gate.is_open():
             return None
         return self._redis
 
     def _redis_failed(self, action: str, error: BaseException) -> None:
-        if self._gate is not None:
-            self._gate.report_failure()
-        self._redis_usable_at = self._clock() + self._retry_seconds
+        self._gate.report_failure()
         logger.warning(
             "story cache: redis %s skipped; local only for %.0f s",
             action,
-            self._retry_seconds,
+            self._gate.cool_down_seconds,
             extra={"error": repr(error)},
         )
 
