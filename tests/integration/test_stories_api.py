@@ -251,3 +251,26 @@ async def test_migrations_are_recorded_and_rerunning_them_changes_nothing(
         await conn.close()
     assert versions == sorted(set(versions))
     assert "0001_stories" in versions
+
+
+async def test_cors_allows_only_the_configured_origins(tmp_path: Path) -> None:
+    settings = make_settings(sqlite_path=tmp_path / "s.db", cors_origins=["https://app.example"])
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,idempotency-key",
+    }
+    async with serve(settings) as client:
+        allowed = await client.options(
+            "/v1/stories", headers={"Origin": "https://app.example", **preflight}
+        )
+        other = await client.options(
+            "/v1/stories", headers={"Origin": "https://evil.example", **preflight}
+        )
+    async with serve(make_settings(sqlite_path=tmp_path / "s.db")) as client:
+        unset = await client.get("/v1/stories", headers={"Origin": "https://app.example"})
+
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "idempotency-key" in allowed.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in unset.headers
