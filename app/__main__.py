@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 
 class ServerSettings(BaseSettings):
-    """How the HTTP server runs; the application's own settings live in app.core.config."""
+    """How the HTTP server runs; the application's own settings live in app.platform.config."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
@@ -67,7 +67,7 @@ class ServerSettings(BaseSettings):
     web_concurrency: Annotated[int, Field(ge=1, le=64)] = 1
     # Comma-separated addresses or networks; unset, TRUSTED_PROXIES; both unset, none.
     forwarded_allow_ips: str | None = None
-    # The app's own list of proxies (app.core.config.ProxySettings), read here as text.
+    # The app's own list of proxies (app.platform.config.ProxySettings), read here as text.
     trusted_proxies: str = ""
     # At least REQUEST_DEADLINE_SECONDS (30) plus a database round: a rollout must
     # not cut off a request that is still within its deadline.

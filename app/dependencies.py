@@ -1,29 +1,64 @@
-"""Tiny getters of the lifespan state, with `Annotated` aliases for routes."""
+"""Tiny getters of the lifespan's `AppState`, with `Annotated` aliases for routes.
+
+The state is built by `app.lifespan` and held at `app.state.app_state`; this
+module is the only place that reads it from there. A missing part is a wiring
+error and fails loudly, never a silently skipped check.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.applications import Starlette
 
+from app.core.ratelimit import CLIENT_KEY, RateLimitPolicy
 from app.lifespan import AppState
+from app.services.health import HealthService
 from app.services.stories import StoryService
 
 
-def get_app_state(request: Request) -> AppState:
-    state: AppState = request.state.app_state
+def app_state_of(app: Starlette) -> AppState:
+    state: AppState = app.state.app_state
     return state
+
+
+def get_app_state(request: Request) -> AppState:
+    return app_state_of(request.app)
 
 
 def get_story_service(request: Request) -> StoryService:
     return get_app_state(request).stories
 
 
+def get_health(request: Request) -> HealthService:
+    return get_app_state(request).health
+
+
+def get_rate_limits(request: Request) -> RateLimitPolicy:
+    return get_app_state(request).rate_limits
+
+
 def get_principal(request: Request) -> str:
-    """Who is asking. One anonymous principal until authentication lands."""
-    return get_app_state(request).settings.anonymous_principal
+    """Who is asking: the id that owns the stories it creates and reads."""
+    return get_app_state(request).identity.authenticate(request).id
 
 
-AppStateDep = Annotated[AppState, Depends(get_app_state)]
 StoryServiceDep = Annotated[StoryService, Depends(get_story_service)]
+HealthDep = Annotated[HealthService, Depends(get_health)]
 PrincipalDep = Annotated[str, Depends(get_principal)]
+RateLimitsDep = Annotated[RateLimitPolicy, Depends(get_rate_limits)]
+
+
+async def enforce_rate_limit(request: Request, policy: RateLimitsDep) -> None:
+    """The route dependency that applies the limits (see `RATE_LIMITED`).
+
+    A dependency, not middleware: it runs once the router has chosen the route, so
+    limits are per route template and endpoint, whatever the router's internals.
+    The client key was worked out by `RateLimitMiddleware`, which must be installed.
+    """
+    await policy.check(request, request.scope["state"][CLIENT_KEY])
+
+
+#: `app.include_router(router, dependencies=RATE_LIMITED)` limits every route of `router`.
+RATE_LIMITED = [Depends(enforce_rate_limit)]

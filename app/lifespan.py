@@ -1,62 +1,89 @@
-"""What the service opens at start and closes at stop, held in one typed `AppState`.
+"""The one composition root: everything the app holds is built, started and closed here.
 
-Nothing connects at import time: `lifespan()` opens the database (PostgreSQL
-pool, or the embedded SQLite file), applies migrations, opens Redis when
-configured, builds the providers that have keys, and closes all of it, in
-reverse order, at shutdown.
+`lifespan_for(settings, version)` is the app's lifespan. At start it opens the
+database (PostgreSQL pool, or the embedded SQLite file) and applies migrations,
+opens Redis when configured, builds the providers that have keys with their
+breakers, the story service, the rate limiter, the maintenance switch, the
+system sampler and the health service, installs the SIGTERM drain hook, and
+holds all of it in one typed `AppState` at `app.state.app_state` (read through
+the getters in `app.dependencies`). A part that cannot be built is an error at
+start, never a silently missing feature. At stop everything is closed in
+reverse order. Nothing here runs at import time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.core.background import stop_task
-from app.core.config import Settings
-from app.core.metrics import PrometheusObserver, record_cache, record_upstream_call
-from app.core.observability import configure_logging
+from app.core.ratelimit import (
+    FailoverCounters,
+    InProcessCounters,
+    RateLimitPolicy,
+    RedisCounters,
+    preload_rate_limit_script,
+)
 from app.core.resilience import (
     CircuitBreaker,
     CompositeObserver,
     LoggingObserver,
     ResilienceObserver,
 )
-from app.core.security import preload_rate_limit_script
-from app.core.state import BreakerStore, RedisGate, preload_breaker_script
-from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
+from app.core.resilience.stores import preload_breaker_script
+from app.core.security import AnonymousAuthenticator, Authenticator
+from app.db.postgres import PostgresStoryRepository
+from app.db.repository import StoryRepository
+from app.db.sqlite import SqliteStoryRepository
+from app.platform.background import stop_task
+from app.platform.config import Settings
+from app.platform.logs import configure_logging
+from app.platform.maintenance import MaintenanceSwitch
+from app.platform.metrics import (
+    PrometheusObserver,
+    mark_process_dead,
+    record_cache,
+    record_upstream_call,
+    set_build_info,
+)
+from app.platform.redis import RedisBudget, RedisGate, open_redis
+from app.platform.sentry import init_sentry, shutdown_sentry
+from app.platform.shutdown import DrainOnSignal, Lifecycle
+from app.platform.system import SystemMonitor
 from app.providers.offline import OfflineStoryProvider
 from app.providers.registry import build_upstreams
-from app.services.cache import StoryCache
+from app.services.cache import CacheRedisEvents, StoryCache
+from app.services.health import HealthService
 from app.services.stories import IdempotencyPolicy, StoryService
 
 logger = logging.getLogger(__name__)
 
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
 
 @dataclass
 class AppState:
+    """Everything one app instance holds while it runs."""
+
     settings: Settings
     repository: StoryRepository
     redis: aioredis.Redis | None
+    redis_gate: RedisGate
     stories: StoryService
-    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
-    breaker_store: BreakerStore | None = None
-    redis_gate: RedisGate | None = None
-    # Its own client: the health-check timeout, not the request path's budget.
-    health_redis: aioredis.Redis | None = None
-    started_at: float = field(default_factory=time.monotonic)
-    draining: bool = False
+    breakers: dict[str, CircuitBreaker]
+    identity: Authenticator
+    rate_limits: RateLimitPolicy
+    rate_counters: FailoverCounters
+    maintenance: MaintenanceSwitch
+    system: SystemMonitor
+    health: HealthService
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
 async def open_repository(settings: Settings) -> StoryRepository:
@@ -72,10 +99,10 @@ async def open_repository(settings: Settings) -> StoryRepository:
     return await SqliteStoryRepository.open(db.sqlite_path)
 
 
-def open_redis(
+def redis_from_settings(
     settings: Settings,
     *,
-    socket_timeout_seconds: float | None = None,
+    timeout_seconds: float | None = None,
     max_connections: int | None = None,
 ) -> aioredis.Redis | None:
     """The Redis client, or None when REDIS_URL is unset.
@@ -85,26 +112,15 @@ def open_redis(
     timeout, so a Redis that is slower than the request budget but answering
     does not make every replica unready at once.
     """
-    if settings.redis.url is None:
-        return None
     cfg = settings.redis
-    timeout = socket_timeout_seconds or cfg.socket_timeout_ms / 1000
-    # Millisecond budgets: a silent Redis must cost a request milliseconds, never
-    # redis-py's default seconds. One immediate retry on a *connection* error only:
-    # after a Redis restart the pooled sockets are dead, and the first use of each
-    # should reconnect rather than fail over; timeouts are never retried.
-    # A blocking pool: past REDIS_MAX_CONNECTIONS a caller waits (within the same
-    # budget) for a free connection instead of failing at once and failing over.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        cfg.url.get_secret_value() if cfg.url else "",
-        socket_timeout=timeout,
-        socket_connect_timeout=max(cfg.connect_timeout_ms / 1000, timeout),
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    if cfg.url is None:
+        return None
+    return open_redis(
+        cfg.url.get_secret_value(),
+        timeout_seconds=timeout_seconds or cfg.socket_timeout_ms / 1000,
+        connect_timeout_seconds=cfg.connect_timeout_ms / 1000,
         max_connections=max_connections or cfg.max_connections,
-        timeout=timeout,
-        health_check_interval=0,
     )
-    return aioredis.Redis(connection_pool=pool)
 
 
 async def warm_redis(redis: aioredis.Redis, *, connections: int) -> None:
@@ -136,90 +152,151 @@ async def _purge_expired_keys(repository: StoryRepository, every_seconds: float 
         await asyncio.sleep(every_seconds)
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-    settings: Settings = app.state.settings
-    configure_logging(settings.log_level)
-    async with AsyncExitStack() as stack:
-        repository = await open_repository(settings)
-        stack.push_async_callback(repository.close)
-        applied = await repository.migrate()
-        if applied:
-            logger.info("migrations applied", extra={"versions": applied})
+async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -> AppState:
+    """Builds and starts every part; `stack` closes them, in reverse order."""
+    repository = await open_repository(settings)
+    stack.push_async_callback(repository.close)
+    applied = await repository.migrate()
+    if applied:
+        logger.info("migrations applied", extra={"versions": applied})
 
-        redis = open_redis(settings)
-        health_redis = open_redis(
-            settings,
-            socket_timeout_seconds=settings.health.check_timeout_seconds,
-            max_connections=2,
-        )
-        if health_redis is not None:
-            stack.push_async_callback(health_redis.aclose)
-        if redis is not None:
-            stack.push_async_callback(redis.aclose)
-            await warm_redis(redis, connections=min(8, settings.redis.max_connections))
+    redis = redis_from_settings(settings)
+    health_redis = redis_from_settings(
+        settings, timeout_seconds=settings.health.check_timeout_seconds, max_connections=2
+    )
+    if health_redis is not None:
+        stack.push_async_callback(health_redis.aclose)
+    if redis is not None:
+        stack.push_async_callback(redis.aclose)
+        await warm_redis(redis, connections=min(8, settings.redis.max_connections))
+    # One view per process of whether Redis answers, shared by all its users.
+    redis_gate = RedisGate()
+    redis_budget_seconds = settings.redis.socket_timeout_ms / 1000
 
-        # Every breaker transition, retry, rejection and fallback: logged and counted.
-        observer: ResilienceObserver = CompositeObserver(LoggingObserver(), PrometheusObserver())
-        # One view per process of whether Redis answers, shared by all its users.
-        redis_gate = RedisGate()
-        upstreams = await build_upstreams(
-            settings,
-            redis,
-            stack,
-            observer=observer,
-            record_call=record_upstream_call,
-            redis_gate=redis_gate,
-        )
-
-        cache = StoryCache(
-            redis,
-            ttl_seconds=settings.story_cache_ttl_seconds,
-            redis_budget_seconds=settings.redis.socket_timeout_ms / 1000,
-            on_result=record_cache,
+    # Every breaker transition, retry, rejection and fallback: logged and counted.
+    observer: ResilienceObserver = CompositeObserver(LoggingObserver(), PrometheusObserver())
+    upstreams = await build_upstreams(
+        settings,
+        redis,
+        stack,
+        observer=observer,
+        record_call=record_upstream_call,
+        redis_gate=redis_gate,
+    )
+    cache = StoryCache(
+        redis,
+        ttl_seconds=settings.story_cache_ttl_seconds,
+        # No retry timer of its own: local only until the gate reopens.
+        redis_budget=RedisBudget(
+            budget_seconds=redis_budget_seconds,
+            retry_seconds=0.0,
             gate=redis_gate,
-        )
-        stack.push_async_callback(cache.aclose)
-        stories = StoryService(
-            repository,
-            upstreams.story_providers,
-            offline=OfflineStoryProvider() if settings.resilience.offline_fallback else None,
-            illustrator=upstreams.illustrator,
-            deadline_seconds=settings.request_deadline_seconds,
-            cache=cache,
-            idempotency=IdempotencyPolicy(
-                lock_seconds=settings.request_deadline_seconds + 30,
-                ttl_seconds=settings.idempotency_ttl_seconds,
-                wait_seconds=settings.idempotency_wait_seconds,
-            ),
-        )
-        purger = asyncio.create_task(_purge_expired_keys(repository), name="purge-keys")
-        stack.push_async_callback(stop_task, purger)
-        state = AppState(
-            settings=settings,
+            listener=CacheRedisEvents(redis_gate),
+        ),
+        on_result=record_cache,
+    )
+    stack.push_async_callback(cache.aclose)
+    stories = StoryService(
+        repository,
+        upstreams.story_providers,
+        offline=OfflineStoryProvider() if settings.resilience.offline_fallback else None,
+        illustrator=upstreams.illustrator,
+        deadline_seconds=settings.request_deadline_seconds,
+        cache=cache,
+        idempotency=IdempotencyPolicy(
+            lock_seconds=settings.request_deadline_seconds + 30,
+            ttl_seconds=settings.idempotency_ttl_seconds,
+            wait_seconds=settings.idempotency_wait_seconds,
+        ),
+    )
+    purger = asyncio.create_task(_purge_expired_keys(repository), name="purge-keys")
+    stack.push_async_callback(stop_task, purger)
+
+    # Operations: error reporting, rate limits, maintenance, system figures, drain.
+    if init_sentry(settings, version):
+        stack.callback(shutdown_sentry)
+    set_build_info(version)
+    stack.callback(mark_process_dead)
+    rate_counters = FailoverCounters(
+        RedisCounters(redis) if redis is not None else None,
+        InProcessCounters(),
+        budget_seconds=settings.rate_limit.redis_budget_ms / 1000,
+        retry_seconds=settings.rate_limit.redis_retry_seconds,
+        gate=redis_gate,
+    )
+    system = SystemMonitor(
+        interval_seconds=settings.health.sample_interval_seconds,
+        disk_path=settings.health.disk_path,
+    )
+    await system.start()
+    stack.push_async_callback(system.stop)
+    maintenance = MaintenanceSwitch(settings.maintenance)
+    await maintenance.start(redis)
+    stack.push_async_callback(maintenance.stop)
+    lifecycle = Lifecycle()
+    _install_drain(lifecycle, settings, stack)
+
+    return AppState(
+        settings=settings,
+        repository=repository,
+        redis=redis,
+        redis_gate=redis_gate,
+        stories=stories,
+        breakers=upstreams.breakers,
+        identity=AnonymousAuthenticator(settings.anonymous_principal),
+        rate_limits=RateLimitPolicy(settings.rate_limit, rate_counters),
+        rate_counters=rate_counters,
+        maintenance=maintenance,
+        system=system,
+        health=HealthService(
+            settings,
+            version=version,
             repository=repository,
-            redis=redis,
-            stories=stories,
+            redis=health_redis,
             breakers=upstreams.breakers,
-            breaker_store=upstreams.breaker_store,
-            redis_gate=redis_gate,
-            health_redis=health_redis,
-        )
-        app.state.app_state = state
-        # Operations (app.core.operations): rate-limit counters, maintenance flag, system
-        # sampler, Sentry, SIGTERM drain hook. Stopped first at shutdown.
-        operations = getattr(app.state, "operations", None)
-        if operations is not None:
-            await operations.start(state)
-            stack.push_async_callback(operations.stop)
-        logger.info(
-            "service started",
-            extra={
-                "database": repository.backend,
-                "redis": redis is not None,
-                "providers": stories.provider_names,
-            },
-        )
-        yield {"app_state": state}
-        state.draining = True
-        logger.info("service stopping")
+            rate_counters=rate_counters,
+            maintenance=maintenance,
+            system=system,
+            lifecycle=lifecycle,
+        ),
+        lifecycle=lifecycle,
+    )
+
+
+def _install_drain(lifecycle: Lifecycle, settings: Settings, stack: AsyncExitStack) -> None:
+    """On SIGTERM/SIGINT: readiness fails at once, then the server's shutdown runs."""
+    loop = asyncio.get_running_loop()
+
+    def drain() -> None:
+        if not lifecycle.draining:
+            lifecycle.draining = True
+            # Logging takes locks: not from inside a signal handler.
+            loop.call_soon_threadsafe(
+                logger.warning, "shutdown signal received: draining; readiness fails"
+            )
+
+    hook = DrainOnSignal(drain, delay_seconds=settings.shutdown.drain_delay_seconds)
+    if hook.install():
+        stack.callback(hook.uninstall)
+
+
+def lifespan_for(settings: Settings, version: str) -> Lifespan:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        async with AsyncExitStack() as stack:
+            state = await build_state(settings, version, stack)
+            app.state.app_state = state
+            logger.info(
+                "service started",
+                extra={
+                    "database": state.repository.backend,
+                    "redis": state.redis is not None,
+                    "providers": state.stories.provider_names,
+                },
+            )
+            yield
+            state.lifecycle.draining = True
+            logger.info("service stopping")
+
+    return lifespan

@@ -10,15 +10,15 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.core.config import Settings
-from app.core.maintenance import MaintenanceMiddleware
-from app.core.metrics import MetricsMiddleware
-from app.core.operations import Operations
-from app.core.security import RATE_LIMITED, RateLimitMiddleware, limiter
-from app.dependencies import get_principal
-from app.errors import install_error_handlers
-from app.lifespan import lifespan
-from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.core.ratelimit import RateLimitMiddleware, TrustedProxies, limiter
+from app.dependencies import RATE_LIMITED, get_principal
+from app.http.body_limit import BodySizeLimitMiddleware
+from app.http.context import RequestContextMiddleware
+from app.http.maintenance import MaintenanceMiddleware
+from app.http.metrics import MetricsMiddleware
+from app.lifespan import lifespan_for
+from app.platform.config import Settings
+from app.problems import install_error_handlers
 from app.routers import health_detailed, metrics, stories
 
 VERSION = "0.1.0"
@@ -30,11 +30,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Story service",
         version=VERSION,
         description="Writes, illustrates and keeps children's stories; degrades, never fails.",
-        lifespan=lifespan,
+        lifespan=lifespan_for(settings, VERSION),
     )
-    app.state.settings = settings
-    # Rate-limit counters, maintenance switch, sampler, Sentry, SIGTERM hook (no I/O yet).
-    app.state.operations = operations = Operations(settings, VERSION)
     app.state.limiter = limiter  # slowapi's convention: @limiter.limit on endpoints
     install_error_handlers(app)
     app.include_router(health_detailed.router)
@@ -45,11 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         RateLimitMiddleware,
-        trusted_proxies=operations.trusted_proxies,
+        trusted_proxies=TrustedProxies(settings.proxies.trusted_proxies),
         principal_of=get_principal,
         anonymous_principal=settings.anonymous_principal,
     )
-    app.add_middleware(MaintenanceMiddleware, switch=operations.maintenance)
+    app.add_middleware(MaintenanceMiddleware)
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(

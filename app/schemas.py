@@ -10,13 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.models import StoryRecord
 from app.providers.base import StoryRequest
-
-# BCP-47 tags we write stories in (case-insensitive on input, canonical on output).
-SUPPORTED_LANGUAGES = (
-    "en", "en-US", "en-GB", "es", "es-ES", "es-MX", "fr", "fr-FR", "de", "de-DE",
-    "it", "pt", "pt-BR", "nl",
-)  # fmt: skip
-_CANONICAL = {tag.lower(): tag for tag in SUPPORTED_LANGUAGES}
+from app.providers.languages import SUPPORTED_LANGUAGES, canonical_tag
 
 
 class CreateStory(BaseModel):
@@ -42,7 +36,7 @@ class CreateStory(BaseModel):
     @field_validator("language")
     @classmethod
     def _supported(cls, value: str) -> str:
-        canonical = _CANONICAL.get(value.strip().lower())
+        canonical = canonical_tag(value)
         if canonical is None:
             raise ValueError(f"unsupported language; use one of {', '.join(SUPPORTED_LANGUAGES)}")
         return canonical

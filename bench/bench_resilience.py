@@ -53,11 +53,11 @@ from urllib.parse import urlsplit
 import httpx
 import redis.asyncio as aioredis
 
-from app.core.config import RateLimitSettings, Settings
-from app.core.observability import JsonFormatter
 from app.core.resilience import BreakerState, LoggingObserver, ResilienceError
-from app.core.state import FailoverBreakerStore
-from app.lifespan import open_redis
+from app.core.resilience.stores import FailoverBreakerStore
+from app.lifespan import redis_from_settings
+from app.platform.config import RateLimitSettings, Settings
+from app.platform.logs import JsonFormatter
 from app.providers.base import ProviderError, StoryRequest
 from app.providers.openai import OpenAIStoryProvider
 from app.providers.registry import Upstreams, build_upstreams
@@ -826,7 +826,7 @@ async def bench_guard(
         settings = app_settings(params, fake, params.redis_url, Path("unused.sqlite3"))
         direct = OpenAIStoryProvider.from_settings(settings.openai)
         stack.push_async_callback(direct.close)
-        redis = open_redis(settings)
+        redis = redis_from_settings(settings)
         assert redis is not None
         stack.push_async_callback(redis.aclose)
         observer = LoggingObserver()

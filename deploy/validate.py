@@ -374,7 +374,7 @@ def service_settings() -> dict[str, bool]:
     from pydantic_settings import BaseSettings
 
     from app.__main__ import ServerSettings
-    from app.core.config import Settings
+    from app.platform.config import Settings
 
     def walk(model: type[BaseSettings], prefix: str) -> dict[str, bool]:
         found: dict[str, bool] = {}
@@ -416,7 +416,7 @@ def _settings_accept(config: Mapping[str, str]) -> list[str]:
     from pydantic import ValidationError
 
     from app.__main__ import ServerSettings
-    from app.core.config import Settings
+    from app.platform.config import Settings
 
     saved = dict(os.environ)
     cwd = Path.cwd()

@@ -24,7 +24,8 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from app.core.config import (
+from app.main import create_app
+from app.platform.config import (
     DatabaseSettings,
     OpenAISettings,
     RateLimitSettings,
@@ -33,7 +34,6 @@ from app.core.config import (
     ResilienceSettings,
     Settings,
 )
-from app.main import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 
 from app.providers.base import GeneratedStory, StoryRequest, Usage
+from app.providers.languages import LANGUAGE_NAMES, base_language
 
 NAME = "offline"
 MODEL = "offline-templates-v1"
@@ -198,6 +199,22 @@ _NL = _Templates(
 )
 
 _BY_LANGUAGE = {"en": _EN, "es": _ES, "fr": _FR, "de": _DE, "it": _IT, "pt": _PT, "nl": _NL}
+# Supported base languages deliberately told in English, for want of templates (none today).
+_TOLD_IN_ENGLISH: frozenset[str] = frozenset()
+
+
+def _check_templates() -> None:
+    """Every supported base language has templates or is deliberately told in English."""
+    missing = set(LANGUAGE_NAMES) - set(_BY_LANGUAGE) - _TOLD_IN_ENGLISH
+    unknown = (set(_BY_LANGUAGE) | _TOLD_IN_ENGLISH) - set(LANGUAGE_NAMES)
+    if missing or unknown:
+        raise RuntimeError(
+            f"offline templates out of step with app.providers.languages: "
+            f"no templates for {sorted(missing)}, not supported: {sorted(unknown)}"
+        )
+
+
+_check_templates()
 
 
 def _topic(prompt: str) -> str:
@@ -215,11 +232,9 @@ class OfflineStoryProvider:
     name = NAME
     model = MODEL
 
-    async def generate(self, request: StoryRequest) -> GeneratedStory:
-        return self.compose(request)
-
     def compose(self, request: StoryRequest) -> GeneratedStory:
-        templates = _BY_LANGUAGE.get(request.language.split("-")[0].lower(), _EN)
+        # A tag whose language has no templates (or an unknown one) gets English.
+        templates = _BY_LANGUAGE.get(base_language(request.language), _EN)
         seed = hashlib.sha256(
             f"{request.prompt}|{request.age}|{request.length}|{request.language}".encode()
         ).digest()

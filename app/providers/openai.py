@@ -3,7 +3,8 @@
 The SDK's own retries are off (`max_retries=0`): the resilience layer is the one
 retry layer, or attempts multiply. The client uses the SDK's aiohttp transport,
 measured several times faster per request than its default httpx one
-(docs/decisions.md). Every SDK exception is mapped to the ProviderError tree.
+(docs/decisions.md), with at most `OPENAI_MAX_CONNECTIONS` connections. Every SDK
+exception is mapped to the ProviderError tree.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from app.core.config import OpenAISettings
+from app.platform.config import OpenAISettings
 from app.providers.base import (
     GeneratedStory,
     ProviderAuthError,
@@ -104,6 +105,9 @@ class OpenAIStoryProvider:
             timeout=openai.Timeout(
                 settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
             ),
+            # DefaultAioHttpClient takes httpx2.AsyncClient's arguments (httpx2 is the
+            # SDK's HTTP library, declared in pyproject.toml); the aiohttp transport
+            # takes its connector's connection limit from `limits.max_connections`.
             http_client=openai.DefaultAioHttpClient(
                 limits=httpx2.Limits(
                     max_connections=settings.max_connections,

@@ -13,16 +13,7 @@ import re
 from pydantic import BaseModel, Field, ValidationError
 
 from app.providers.base import ProviderResponseError, StoryRequest
-
-LANGUAGE_NAMES = {
-    "en": "English",
-    "es": "Spanish",
-    "fr": "French",
-    "de": "German",
-    "it": "Italian",
-    "pt": "Portuguese",
-    "nl": "Dutch",
-}
+from app.providers.languages import LANGUAGE_NAMES, base_language
 
 STORY_JSON_SCHEMA: dict[str, object] = {
     "type": "object",
@@ -41,7 +32,8 @@ class StoryDraft(BaseModel):
 
 
 def language_name(tag: str) -> str:
-    return LANGUAGE_NAMES.get(tag.split("-")[0].lower(), "English")
+    """The English name of the tag's base language; English for one we do not know."""
+    return LANGUAGE_NAMES.get(base_language(tag), "English")
 
 
 def system_prompt(request: StoryRequest) -> str:

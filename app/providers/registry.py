@@ -13,21 +13,21 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from app.core.config import Settings
 from app.core.resilience import (
+    BreakerStore,
     Bulkhead,
     CircuitBreaker,
     ResilienceObserver,
     RetryBudget,
     RetryPolicy,
 )
-from app.core.state import (
-    BreakerStore,
+from app.core.resilience.stores import (
     FailoverBreakerStore,
     InMemoryBreakerStore,
     RedisBreakerStore,
-    RedisGate,
 )
+from app.platform.config import BREAKER_NAMES, Settings
+from app.platform.redis import RedisGate
 from app.providers.base import IllustrationProvider, StoryProvider
 from app.providers.openai import OpenAIStoryProvider
 from app.providers.replicate import (
@@ -43,8 +43,6 @@ from app.providers.resilient import (
     UpstreamCallRecorder,
     ignore_call,
 )
-
-BREAKER_NAMES = ("openai:chat", "replicate:text", "replicate:image")
 
 
 @dataclass
@@ -131,8 +129,8 @@ async def build_upstreams(
         story_providers.append(ResilientStoryProvider(openai_provider, guard("openai", "chat")))
     if settings.replicate.configured:
         rs = settings.replicate
-        client = build_client(rs)
-        stack.push_async_callback(client._async_client.aclose)
+        client, transport = build_client(rs)
+        stack.push_async_callback(transport.aclose)
 
         def predictions(model: str) -> ReplicatePredictions:
             return ReplicatePredictions(

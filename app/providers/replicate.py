@@ -2,8 +2,8 @@
 
 Through the official SDK. Two things the SDK does on its own are undone here:
 
-- Its `RetryTransport` retries GETs on 429/503/504 up to ten times; we set it to
-  one attempt, because the resilience layer is the one retry layer.
+- Its `RetryTransport` retries GETs on 429/503/504 up to ten times; our requests
+  bypass it (see `build_client`), because the resilience layer is the one retry layer.
 - A prediction is billed when it is created. If the create request times out or
   the connection drops after it was sent, the prediction may exist: we look for
   it among the recent predictions (same model, same input, created since we
@@ -23,10 +23,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from replicate.client import Client, RetryTransport
+from replicate.client import Client
 from replicate.exceptions import ReplicateError
 
-from app.core.config import ReplicateSettings
+from app.platform.config import ReplicateSettings
 from app.providers.base import (
     GeneratedStory,
     Illustration,
@@ -68,23 +68,32 @@ def map_replicate_error(error: Exception) -> ProviderError:
     return ProviderResponseError(NAME, f"unusable reply: {error!r}")
 
 
-def build_client(settings: ReplicateSettings) -> Client:
+def build_client(settings: ReplicateSettings) -> tuple[Client, httpx.AsyncHTTPTransport]:
+    """The SDK client, and the transport (our connection pool) the caller must close.
+
+    The SDK (replicate 1.0.7, `_build_httpx_client`) always wraps the `transport`
+    it is given in its retrying `RetryTransport`, and passes its other keyword
+    arguments on to `httpx.AsyncClient`. So the transport also goes in as the
+    `mounts` entry for every URL: httpx sends each request to a matching mount
+    before its default transport, and the SDK's wrapper is never used. (Passing
+    `transport` too only keeps the SDK from building a second, unused pool; as
+    it does pass a transport, httpx mounts no proxies from the environment that
+    could take precedence.)
+    """
     assert settings.api_token is not None
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=settings.max_connections)
+    )
     client = Client(
         api_token=settings.api_token.get_secret_value(),
         base_url=str(settings.base_url).rstrip("/"),
         timeout=httpx.Timeout(
             settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
         ),
-        transport=httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=settings.max_connections)
-        ),
+        transport=transport,
+        mounts={"all://": transport},
     )
-    retry_transport = client._async_client._transport
-    # One retry layer only: ours (see the module docstring).
-    if isinstance(retry_transport, RetryTransport):
-        retry_transport.max_attempts = 1
-    return client
+    return client, transport
 
 
 class ReplicatePredictions:

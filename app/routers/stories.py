@@ -7,8 +7,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from app.core.metrics import record_fallback, record_story_served
 from app.dependencies import PrincipalDep, StoryServiceDep
+from app.platform.metrics import record_fallback, record_story_served
 from app.schemas import CreateStory, Recommendations, StoryList, StoryOut
 
 router = APIRouter(prefix="/v1", tags=["stories"])

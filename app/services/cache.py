@@ -18,13 +18,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from app.core.state import RedisGate
+from app.platform.clock import SYSTEM_CLOCK, Clock
+from app.platform.redis import RedisBudget, RedisGate
 from app.providers.base import GeneratedStory, StoryRequest, Usage
 
 logger = logging.getLogger(__name__)
@@ -57,83 +57,69 @@ def _decode(raw: str | bytes) -> GeneratedStory:
 
 
 class StoryCache:
-    """Remembers upstream stories; answers from Redis, else from this process."""
+    """Remembers upstream stories; answers from Redis, else from this process.
+
+    Redis is reached through a `RedisBudget` (`app.platform.redis`): each call
+    within the budget, and after a failure local only until the process's
+    `RedisGate` reopens.
+    """
 
     def __init__(
         self,
         redis: aioredis.Redis | None,
         *,
         ttl_seconds: float,
+        redis_budget: RedisBudget,
         max_local_entries: int = 1000,
-        redis_budget_seconds: float = 0.05,
         key_prefix: str = "story:cache:",
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
         on_result: Callable[[str], None] | None = None,
-        gate: RedisGate | None = None,
     ) -> None:
         self._redis = redis
-        # After a Redis failure, local only until the gate reopens: the process's
-        # shared gate (so other Redis users skip too), or one of its own.
-        self._gate = gate or RedisGate()
-        self._writes: set[asyncio.Task[None]] = set()
+        self._budget = redis_budget
+        self._writes: set[asyncio.Task[tuple[None, bool]]] = set()
         self._ttl = ttl_seconds
         self._max_local = max_local_entries
-        self._budget = redis_budget_seconds
         self._prefix = key_prefix
         self._clock = clock
         self._local: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._on_result = on_result or (lambda _result: None)
 
-    def _redis_usable(self) -> aioredis.Redis | None:
-        if self._redis is None or not self._gate.is_open():
-            return None
-        return self._redis
-
-    def _redis_failed(self, action: str, error: BaseException) -> None:
-        self._gate.report_failure()
-        logger.warning(
-            "story cache: redis %s skipped; local only for %.0f s",
-            action,
-            self._gate.cool_down_seconds,
-            extra={"error": repr(error)},
-        )
-
     async def put(self, request: StoryRequest, story: GeneratedStory) -> None:
         key = cache_key(request)
         value = _encode(story)
-        self._local[key] = (self._clock() + self._ttl, value)
+        self._local[key] = (self._clock.monotonic() + self._ttl, value)
         self._local.move_to_end(key)
         while len(self._local) > self._max_local:
             self._local.popitem(last=False)
-        redis = self._redis_usable()
-        if redis is not None:
-            task = asyncio.create_task(self._write(redis, key, value))
+        redis = self._redis
+        if redis is not None and self._budget.available:
+            # Off the response path: the story is already on its way to the child.
+            task = asyncio.create_task(
+                self._budget.run(
+                    lambda: self._write(redis, key, value), _nothing, operation="cache_write"
+                )
+            )
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
     async def _write(self, redis: aioredis.Redis, key: str, value: str) -> None:
-        try:
-            async with asyncio.timeout(self._budget):
-                await redis.set(self._prefix + key, value, ex=max(1, int(self._ttl)))
-        except Exception as error:
-            self._redis_failed("write", error)
+        await redis.set(self._prefix + key, value, ex=max(1, int(self._ttl)))
 
     async def get(self, request: StoryRequest) -> GeneratedStory | None:
         key = cache_key(request)
-        redis = self._redis_usable()
+        redis = self._redis
         if redis is not None:
-            try:
-                async with asyncio.timeout(self._budget):
-                    raw = await redis.get(self._prefix + key)
-                if raw is not None:
-                    self._on_result("hit")
-                    return _decode(raw)
-            except Exception as error:
-                self._redis_failed("read", error)
+            raw, _ = await self._budget.run(
+                lambda: redis.get(self._prefix + key), _nothing, operation="cache_read"
+            )
+            if raw is not None:
+                self._on_result("hit")
+                return _decode(raw)
         entry = self._local.get(key)
         if entry is not None:
             expires, value = entry
-            if expires > self._clock():
+            if expires > self._clock.monotonic():
                 self._on_result("hit")
                 return _decode(value)
             del self._local[key]
@@ -144,3 +130,28 @@ class StoryCache:
         """Lets the background writes still running finish (each within its budget)."""
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+
+
+async def _nothing() -> None:
+    return None
+
+
+class CacheRedisEvents:
+    """The cache's Redis failures, as log lines (the `BudgetListener` of its budget)."""
+
+    def __init__(self, gate: RedisGate) -> None:
+        self._gate = gate
+
+    def redis_failed(self, error: BaseException, operation: str, *, first: bool) -> None:
+        logger.warning(
+            "story cache: redis %s skipped; local only for %.0f s",
+            operation.removeprefix("cache_"),
+            self._gate.cool_down_seconds,
+            extra={"error": repr(error)},
+        )
+
+    def gate_closed(self) -> None:
+        pass
+
+    def recovered(self) -> None:
+        pass

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from app.core.config import DatabaseSettings
+from app.platform.config import DatabaseSettings
 from tests.fakes.fault_proxy import FaultProxy
 from tests.support import STORY_BODY, make_settings, serve
 

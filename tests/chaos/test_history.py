@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from app.core.config import ResilienceSettings
+from app.platform.config import ResilienceSettings
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Fault

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.core.config import HealthSettings
+from app.platform.config import HealthSettings
 from tests.fakes.fault_proxy import FaultProxy
 from tests.support import STORY_BODY, make_settings, serve
 

@@ -146,7 +146,7 @@ async def test_a_silent_redis_costs_a_request_one_budget_not_one_per_component(
     redis_client: Any,
     tmp_path: Path,
 ) -> None:
-    from app.core.metrics import (
+    from app.platform.metrics import (
         BREAKER_STORE_FALLBACKS,
         RATE_LIMIT_STORAGE_FALLBACKS,
     )

@@ -24,7 +24,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from app.db.repository import PostgresStoryRepository
+from app.db.postgres import PostgresStoryRepository
 from app.models import StoryRecord
 from tests.conftest import IN_CI
 from tests.support import ROOT

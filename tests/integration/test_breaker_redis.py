@@ -22,11 +22,12 @@ from app.core.resilience import (
     BreakerState,
     CircuitBreaker,
     CircuitOpenError,
-    FakeClock,
     NullObserver,
     Permit,
 )
-from app.core.state import FailoverBreakerStore, RedisBreakerStore
+from app.core.resilience.stores import FailoverBreakerStore, RedisBreakerStore
+from app.core.resilience.testing import FakeClock
+from app.platform.redis import RedisGate
 from app.providers.base import ProviderUnavailableError
 from tests.fakes.fault_proxy import FaultProxy
 
@@ -273,3 +274,19 @@ async def test_state_is_shared_again_after_redis_returns(
             await worker_b.acquire()
     finally:
         await proxied.aclose()
+
+
+async def test_a_gate_closed_by_another_part_is_not_reported_as_a_store_fallback(
+    clients: tuple[Redis, Redis], prefix: str, log: EventLog
+) -> None:
+    clock = FakeClock()
+    gate = RedisGate(1.0, clock=clock)
+    store = FailoverBreakerStore(
+        RedisBreakerStore(clients[0], key_prefix=prefix), clock=clock, gate=gate, observer=log
+    )
+    gate.report_failure()  # the rate limiter, say, just saw Redis fail
+
+    snapshot = await CircuitBreaker(NAME, store, observer=NullObserver()).snapshot()
+
+    assert snapshot.store_degraded
+    assert log.store_errors == []

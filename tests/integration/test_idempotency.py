@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app.core.config import Settings
+from app.platform.config import Settings
 from app.providers.base import StoryRequest
 from app.services.stories import request_fingerprint
 from tests.fakes.openai_fake import FakeOpenAI
@@ -160,7 +160,7 @@ async def test_a_claim_left_by_a_dead_worker_is_taken_over_after_its_lock(
 
 
 async def test_expired_keys_are_purged(clean_postgres: str) -> None:
-    from app.db.repository import PostgresStoryRepository
+    from app.db.postgres import PostgresStoryRepository
 
     repo = await PostgresStoryRepository.connect(
         clean_postgres, min_size=1, max_size=1, command_timeout=5, connect_timeout=5
@@ -216,9 +216,9 @@ def test_two_server_processes_on_one_database_share_keys(
 async def test_a_request_that_outlives_its_claim_stores_nothing_and_gets_409(
     fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
-    from app.core.config import OpenAISettings
-    from app.db.repository import SqliteStoryRepository
+    from app.db.sqlite import SqliteStoryRepository
     from app.errors import ConflictError
+    from app.platform.config import OpenAISettings
     from app.providers.offline import OfflineStoryProvider
     from app.providers.openai import OpenAIStoryProvider
     from app.services.stories import IdempotencyPolicy, StoryService

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from app.db.repository import PostgresStoryRepository, SqliteStoryRepository, StoryRepository
-from app.models import StoryRecord
+from app.db.postgres import PostgresStoryRepository
+from app.db.repository import ClaimLostError, StoryRepository, migration_versions
+from app.db.sqlite import SqliteStoryRepository
+from app.models import IdempotencyEntry, StoryRecord
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -141,3 +143,101 @@ async def test_migrating_twice_applies_nothing_the_second_time(
 
 async def test_ping_measures_a_round_trip(repository: StoryRepository) -> None:
     assert await repository.ping() >= 0
+
+
+async def test_the_applied_migrations_are_the_ones_this_build_ships(
+    repository: StoryRepository,
+) -> None:
+    applied = await repository.applied_migrations()
+
+    assert tuple(applied) == migration_versions(repository.backend)
+    assert migration_versions(repository.backend)[0] == "0001_stories"
+
+
+LOCK = timedelta(seconds=60)
+KEEP = timedelta(days=1)
+
+
+async def claim(
+    repository: StoryRepository, fingerprint: str, *, at: datetime = T0, key: str = "k"
+) -> IdempotencyEntry | None:
+    return await repository.claim_key(
+        "alice", key, fingerprint, now=at, locked_until=at + LOCK, expires_at=at + KEEP
+    )
+
+
+async def test_a_new_key_is_claimed_and_a_repeat_sees_the_pending_claim(
+    repository: StoryRepository,
+) -> None:
+    assert await claim(repository, "f1") is None
+
+    entry = await claim(repository, "f1")
+
+    assert entry is not None
+    assert (entry.fingerprint, entry.state, entry.story_id) == ("f1", "pending", None)
+    assert entry.locked_until == T0 + LOCK
+
+
+async def test_storing_with_the_claim_marks_the_key_done_with_its_story(
+    repository: StoryRepository,
+) -> None:
+    await claim(repository, "f1")
+    original = story()
+
+    await repository.add(original, idempotency_key="k", claimed_until=T0 + LOCK)
+    entry = await repository.claim_key(
+        "alice", "k", "f1", now=T0 + LOCK * 2, locked_until=T0 + LOCK * 3, expires_at=T0 + KEEP
+    )
+
+    assert entry is not None
+    assert (entry.state, entry.story_id) == ("done", original.id)
+    assert await repository.get(original.id, "alice") == original
+
+
+async def test_a_claim_taken_over_stores_nothing(repository: StoryRepository) -> None:
+    await claim(repository, "f1")
+    # The holder died: past its lock, the same request takes the key over.
+    later = T0 + LOCK + timedelta(seconds=1)
+    assert await claim(repository, "f1", at=later) is None
+    original = story()
+
+    with pytest.raises(ClaimLostError):
+        await repository.add(original, idempotency_key="k", claimed_until=T0 + LOCK)
+
+    assert await repository.get(original.id, "alice") is None
+
+
+async def test_a_released_key_can_be_claimed_again_and_expired_keys_are_purged(
+    repository: StoryRepository,
+) -> None:
+    await claim(repository, "f1")
+    await repository.release_key("alice", "k")
+    assert await claim(repository, "f2") is None
+    await claim(repository, "f3", key="old", at=T0 - KEEP * 2)
+
+    assert await repository.purge_expired_keys(T0) == 1
+    assert await claim(repository, "f4", key="old") is None
+
+
+async def test_a_claim_released_between_claiming_and_reading_is_claimed_again(
+    repository: StoryRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await claim(repository, "f1")
+    read_entry = repository._read_entry  # type: ignore[attr-defined]
+    reads = 0
+
+    async def released_first(owner: str, key: str) -> IdempotencyEntry | None:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # the holder's request fails just now and drops its claim
+            await repository.release_key(owner, key)
+        return await read_entry(owner, key)
+
+    monkeypatch.setattr(repository, "_read_entry", released_first)
+
+    assert await claim(repository, "f2", at=T0 + timedelta(seconds=1)) is None
+    assert reads == 1
+    monkeypatch.undo()
+    entry = await claim(repository, "f3", at=T0 + timedelta(seconds=2))
+    assert entry is not None
+    assert entry.fingerprint == "f2"

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from app.core.config import ResilienceSettings
+from app.platform.config import ResilienceSettings
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.replicate_fake import FakeReplicate
 from tests.fakes.server import Fault

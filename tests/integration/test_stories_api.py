@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.core.config import Settings
+from app.platform.config import Settings
 from tests.support import STORY_BODY, make_settings, serve
 
 SettingsFactory = Callable[..., Settings]

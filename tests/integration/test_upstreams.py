@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import asyncpg
 import pytest
+import replicate.exceptions
 
+from app.providers.base import StoryRequest
+from app.providers.openai import OpenAIStoryProvider
+from app.providers.replicate import build_client
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.replicate_fake import FakeReplicate
 from tests.fakes.server import Fault
 from tests.support import STORY_BODY, make_settings, serve, uvicorn_process
 
 COMPLETIONS = "/v1/chat/completions"
+TEXT_MODEL = "meta/meta-llama-3-8b-instruct"
 
 
 async def test_openai_writes_the_story_when_configured(
@@ -173,6 +179,74 @@ async def test_a_failed_illustration_is_dropped_not_fatal(
     assert response.json()["illustration"] is None
     assert response.json()["illustrate"] is True  # asked for, but could not be drawn
     assert response.json()["provider"] == "openai"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.status(503), Fault.status(504), Fault.rate_limit(retry_after="0")],
+    ids=["503", "504", "429"],
+)
+async def test_the_replicate_client_makes_one_http_attempt_per_call(
+    fake_replicate: FakeReplicate, fault: Fault
+) -> None:
+    # The SDK's own RetryTransport would send a GET answered 429/503/504 ten times.
+    client, transport = build_client(
+        make_settings(replicate_base_url=fake_replicate.base_url).replicate
+    )
+    try:
+        prediction = await client.predictions.async_create(model=TEXT_MODEL, input={"prompt": "x"})
+        fake_replicate.set_fault(fault, path="/v1/predictions/", method="GET")
+        with pytest.raises(replicate.exceptions.ReplicateError) as caught:
+            await client.predictions.async_get(prediction.id)
+    finally:
+        await transport.aclose()
+
+    assert caught.value.status == fault.status_code
+    assert fake_replicate.count(method="GET") == 1
+
+
+async def test_replicate_connections_are_capped_at_replicate_max_connections(
+    fake_replicate: FakeReplicate,
+) -> None:
+    settings = make_settings(replicate_base_url=fake_replicate.base_url).replicate
+    settings.max_connections = 2
+    fake_replicate.fail_next(Fault.delay(1.0), times=3, method="POST")
+    client, transport = build_client(settings)
+    try:
+        creates = [
+            asyncio.ensure_future(
+                client.predictions.async_create(model=TEXT_MODEL, input={"prompt": str(n)})
+            )
+            for n in range(3)
+        ]
+        await fake_replicate.wait_for_count(2, method="POST")
+        await asyncio.sleep(0.3)
+        assert fake_replicate.count(method="POST") == 2  # the third waits for a connection
+        await asyncio.gather(*creates)
+    finally:
+        await transport.aclose()
+
+    assert fake_replicate.count(method="POST") == 3
+
+
+async def test_openai_connections_are_capped_at_openai_max_connections(
+    fake_openai: FakeOpenAI,
+) -> None:
+    settings = make_settings(openai_base_url=fake_openai.openai_base_url).openai
+    settings.max_connections = 2
+    fake_openai.fail_next(Fault.delay(1.0), times=3, path=COMPLETIONS)
+    provider = OpenAIStoryProvider.from_settings(settings)
+    request = StoryRequest(prompt="a brave snail", age=5, length="short", language="en")
+    try:
+        stories = [asyncio.ensure_future(provider.generate(request)) for _ in range(3)]
+        await fake_openai.wait_for_count(2, path=COMPLETIONS)
+        await asyncio.sleep(0.3)
+        assert fake_openai.count(path=COMPLETIONS) == 2  # the third waits for a connection
+        await asyncio.gather(*stories)
+    finally:
+        await provider.close()
+
+    assert fake_openai.count(path=COMPLETIONS) == 3
 
 
 def test_a_real_server_on_postgres_uses_openai_and_keeps_stories_across_restarts(

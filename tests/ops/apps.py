@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-
-from app.core.config import Settings
-from app.lifespan import AppState
+from app.dependencies import app_state_of
+from app.platform.config import Settings
 from tests.support import make_settings, serve_app
 
 
@@ -21,7 +19,5 @@ def ops_settings(tmp_path: Path, **overrides: Any) -> Settings:
 # The app started, with an ASGI client: `(app, client)`.
 running = serve_app
 
-
-def app_state(app: FastAPI) -> AppState:
-    state: AppState = app.state.app_state
-    return state
+# The running app's `AppState`, to look at or poke.
+app_state = app_state_of

@@ -10,7 +10,7 @@ from ipaddress import ip_network
 
 from starlette.types import Scope
 
-from app.core.security import TrustedProxies, client_ip, client_key, key_hash
+from app.core.ratelimit import TrustedProxies, client_ip, client_key, key_hash
 from tests.support import ROOT
 
 PROXIES = TrustedProxies([ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32")])
@@ -182,7 +182,7 @@ def test_the_logged_key_hash_cannot_be_recomputed_from_the_address_alone() -> No
 
 
 def test_the_logged_key_hash_correlates_within_one_process_only() -> None:
-    code = "from app.core.security import key_hash; print(key_hash('ip:203.0.113.7'))"
+    code = "from app.core.ratelimit import key_hash; print(key_hash('ip:203.0.113.7'))"
 
     def in_a_new_process() -> str:
         return subprocess.run(

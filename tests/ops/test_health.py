@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from app.core.config import HealthSettings, OpenAISettings
+from app.platform.config import HealthSettings, OpenAISettings
 from tests.fakes.fault_proxy import FaultProxy
 from tests.ops.apps import app_state, ops_settings, running
 
@@ -60,7 +60,7 @@ async def test_missing_provider_keys_are_readiness_warnings_not_failures(tmp_pat
 
 async def test_readiness_fails_with_503_from_the_moment_the_app_drains(tmp_path: Path) -> None:
     async with running(ops_settings(tmp_path)) as (app, client):
-        app_state(app).draining = True
+        app_state(app).lifecycle.draining = True
         response = await client.get("/health/ready")
         live = await client.get("/health/live")
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from app.core.config import MaintenanceSettings
+from app.platform.config import MaintenanceSettings
 from tests.ops.apps import ops_settings, running
 from tests.support import STORY_BODY
 

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.core import metrics
-from app.core.config import RateLimitSettings
 from app.core.resilience import BreakerState
+from app.platform import metrics
+from app.platform.config import RateLimitSettings
 from tests.ops.apps import ops_settings, running
 from tests.ops.servers import app_server
 

@@ -15,18 +15,18 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from app.core.config import RateLimitSettings, RedisSettings
-from app.core.resilience import FakeClock
-from app.core.security import (
-    RATE_LIMITED,
+from app.core.ratelimit import (
     FailoverCounters,
     InProcessCounters,
     RedisCounters,
     WindowResult,
     limiter,
 )
-from app.core.state import RedisGate
+from app.core.resilience.testing import FakeClock
+from app.dependencies import RATE_LIMITED
 from app.main import create_app
+from app.platform.config import RateLimitSettings, RedisSettings
+from app.platform.redis import RedisGate
 from tests.fakes.fault_proxy import FaultProxy
 from tests.ops.apps import app_state, ops_settings, running
 from tests.support import STORY_BODY
@@ -230,23 +230,15 @@ class ScriptedRedisCounters:
         return [WindowResult(item, True, item.amount - 1, time.time() + 60) for item in items]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 ITEMS = [parse("5/minute")]
 
 
 async def test_after_a_redis_failure_counting_stays_in_process_until_the_retry_time() -> None:
-    redis, clock = ScriptedRedisCounters(), Clock()
+    redis, clock = ScriptedRedisCounters(), FakeClock()
     counters = FailoverCounters(redis, InProcessCounters(), retry_seconds=5, clock=clock)  # type: ignore[arg-type]
 
     await counters.hit(ITEMS, "ip:1", "GET /x")
-    clock.now += 4.9
+    clock.advance(4.9)
     await counters.hit(ITEMS, "ip:1", "GET /x")
 
     assert redis.calls == 1
@@ -254,12 +246,12 @@ async def test_after_a_redis_failure_counting_stays_in_process_until_the_retry_t
 
 
 async def test_after_the_retry_time_redis_is_tried_again_and_shared_counting_resumes() -> None:
-    redis, clock = ScriptedRedisCounters(), Clock()
+    redis, clock = ScriptedRedisCounters(), FakeClock()
     counters = FailoverCounters(redis, InProcessCounters(), retry_seconds=5, clock=clock)  # type: ignore[arg-type]
     await counters.hit(ITEMS, "ip:1", "GET /x")
 
     redis.failing = False
-    clock.now += 5
+    clock.advance(5)
     await counters.hit(ITEMS, "ip:1", "GET /x")
 
     assert redis.calls == 2
@@ -280,7 +272,7 @@ async def test_while_the_redis_gate_is_closed_the_limiter_reports_itself_degrade
         redis,  # type: ignore[arg-type]
         InProcessCounters(),
         retry_seconds=5,
-        clock=clock.monotonic,
+        clock=clock,
         gate=gate,
     )
     await counters.hit(ITEMS, "ip:1", "GET /x")
@@ -306,7 +298,7 @@ async def test_counting_locally_behind_the_gate_neither_closes_it_again_nor_dela
         redis,  # type: ignore[arg-type]
         InProcessCounters(),
         retry_seconds=5,
-        clock=clock.monotonic,
+        clock=clock,
         gate=gate,
     )
     gate.report_failure()

@@ -17,9 +17,9 @@ import pytest
 from fastapi import Request
 from pydantic import SecretStr
 
-from app.core.config import SentrySettings
-from app.core.sentry import FILTERED, scrub_event
 from app.main import create_app
+from app.platform.config import SentrySettings
+from app.platform.sentry import FILTERED, scrub_event
 from tests.ops.apps import ops_settings, running
 
 PROMPT = "a shy unicorn named Zorbleflax who lives under the stairs"
@@ -203,6 +203,6 @@ def test_input_values_are_filtered_whatever_their_shape(fragment: str) -> None:
 
 
 def test_without_a_dsn_sentry_stays_off(tmp_path: Path) -> None:
-    from app.core.sentry import init_sentry
+    from app.platform.sentry import init_sentry
 
     assert init_sentry(ops_settings(tmp_path), "0.1.0") is False

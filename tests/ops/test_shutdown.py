@@ -13,7 +13,7 @@ from types import FrameType
 import httpx
 import pytest
 
-from app.core.operations import DrainOnSignal
+from app.platform.shutdown import DrainOnSignal
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Fault
 from tests.ops.servers import app_server

@@ -13,13 +13,13 @@ from app.core.resilience import (
     CircuitOpenError,
     Deadline,
     DeadlineExceededError,
-    FakeClock,
     NullObserver,
     current_deadline,
     deadline_scope,
     graceful_degradation,
     run_within,
 )
+from app.core.resilience.testing import FakeClock
 from app.providers.base import ProviderUnavailableError
 
 

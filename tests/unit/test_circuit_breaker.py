@@ -21,11 +21,12 @@ from app.core.resilience import (
     CircuitBreaker,
     CircuitOpenError,
     DeadlineExceededError,
-    FakeClock,
     NullObserver,
     Permit,
 )
-from app.core.state import BreakerStore, InMemoryBreakerStore, RedisBreakerStore
+from app.core.resilience.breaker import BreakerStore
+from app.core.resilience.stores import InMemoryBreakerStore, RedisBreakerStore
+from app.core.resilience.testing import FakeClock
 from app.providers.base import ProviderRejectedError, ProviderUnavailableError
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.core.config import DatabaseSettings, ResilienceSettings
+from app.platform.config import DatabaseSettings, ResilienceSettings
 
 
 def test_a_misspelt_breaker_override_is_refused_with_the_known_names() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.core.resilience import FakeClock
-from app.core.state import RedisGate
+from app.core.resilience.testing import FakeClock
+from app.platform.redis import RedisGate
 
 
 def test_the_gate_starts_open() -> None:

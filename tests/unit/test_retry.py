@@ -10,13 +10,13 @@ import pytest
 from app.core.resilience import (
     CircuitOpenError,
     Deadline,
-    FakeClock,
     NullObserver,
     RetryBudget,
     RetryPolicy,
     deadline_scope,
     retry_on_failure,
 )
+from app.core.resilience.testing import FakeClock, instant_retry_policy
 from app.providers.base import (
     ProviderRateLimitedError,
     ProviderRejectedError,
@@ -208,8 +208,8 @@ async def test_budget_refills_when_the_window_slides(clock: FakeClock) -> None:
 
 async def test_budget_is_kept_per_upstream_name(clock: FakeClock) -> None:
     budget = RetryBudget(ratio=0.0, min_retries_per_window=1, clock=clock)
-    openai = RetryPolicy.testing(name="openai:chat", budget=budget)
-    replicate = RetryPolicy.testing(name="replicate:text", budget=budget)
+    openai = instant_retry_policy(name="openai:chat", budget=budget)
+    replicate = instant_retry_policy(name="replicate:text", budget=budget)
     await openai.call(Upstream(unavailable()))
 
     upstream = Upstream(unavailable())
@@ -242,23 +242,16 @@ async def test_async_decorator_retries_then_answers(clock: FakeClock) -> None:
     assert clock.sleeps == [1.0, 2.0]
 
 
-def test_sync_decorator_retries_with_the_sync_sleep(clock: FakeClock) -> None:
-    calls: list[int] = []
-
-    @retry_on_failure(max_retries=2, delay=0.5, sync_sleep=clock.sleep_sync, rng=UpperBoundRng())
+def test_decorating_a_plain_function_raises_type_error() -> None:
     def fetch() -> str:
-        calls.append(1)
-        raise unavailable()
+        return "ok"
 
-    with pytest.raises(ProviderUnavailableError):
-        fetch()
-
-    assert len(calls) == 3
-    assert clock.sleeps == [0.5, 1.0]
+    with pytest.raises(TypeError, match="async function"):
+        retry_on_failure(max_retries=2)(fetch)  # type: ignore[type-var]
 
 
-async def test_testing_policy_never_waits() -> None:
-    policy = RetryPolicy.testing(base_delay=3600.0)
+async def test_instant_retry_policy_never_waits() -> None:
+    policy = instant_retry_policy(base_delay=3600.0)
 
     async with asyncio.timeout(5):  # a safety net only: a real wait would be an hour
         assert await policy.call(Upstream(unavailable(), unavailable())) == "ok"

@@ -1,4 +1,5 @@
-"""Pure parts of the story path: reply parsing, Retry-After, cursors, the offline storyteller."""
+"""Pure parts of the story path: reply parsing, Retry-After, cursors, the offline storyteller,
+the supported languages."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import pytest
+from pydantic import ValidationError
 
 from app.models import PageCursor
 from app.providers.base import ProviderResponseError, StoryRequest
+from app.providers.languages import LANGUAGE_NAMES, SUPPORTED_LANGUAGES, base_language
 from app.providers.offline import OfflineStoryProvider
 from app.providers.openai import retry_after_seconds
-from app.providers.prompting import parse_story, system_prompt
+from app.providers.prompting import language_name, parse_story, system_prompt
+from app.schemas import CreateStory
 
 
 def request(**changes: object) -> StoryRequest:
@@ -140,3 +144,46 @@ def test_the_offline_story_speaks_the_requested_language(language: str, word: st
     }
 
     assert any(word in opening for opening in openings)
+
+
+TAGS = (
+    "en", "en-US", "en-GB", "es", "es-ES", "es-MX", "fr", "fr-FR", "de", "de-DE",
+    "it", "pt", "pt-BR", "nl",
+)  # fmt: skip
+
+
+def test_the_api_accepts_exactly_the_supported_tags_in_their_order() -> None:
+    assert SUPPORTED_LANGUAGES == TAGS
+    assert {base_language(tag) for tag in TAGS} == set(LANGUAGE_NAMES)
+
+
+@pytest.mark.parametrize(("given", "canonical"), [("PT-br", "pt-BR"), (" en-gb ", "en-GB")])
+def test_a_tag_matches_case_insensitively_and_comes_back_canonical(
+    given: str, canonical: str
+) -> None:
+    assert CreateStory(prompt="x", age=5, language=given).language == canonical
+
+
+@pytest.mark.parametrize("tag", ["klingon", "en-AU", "en_US", ""])
+def test_an_unsupported_tag_is_refused_with_the_list(tag: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        CreateStory(prompt="x", age=5, language=tag)
+
+    [error] = raised.value.errors()
+    assert error["loc"] == ("language",)
+    assert error["msg"] == (
+        "Value error, unsupported language; use one of "
+        "en, en-US, en-GB, es, es-ES, es-MX, fr, fr-FR, de, de-DE, it, pt, pt-BR, nl"
+    )
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_every_supported_tag_has_a_language_name_for_the_prompt(tag: str) -> None:
+    assert language_name(tag) == LANGUAGE_NAMES[tag.split("-")[0]]
+    assert f"Write in {language_name(tag)}." in system_prompt(request(language=tag))
+
+
+def test_an_unknown_language_is_written_in_english() -> None:
+    assert language_name("xx-YY") == "English"
+    closing = OfflineStoryProvider().compose(request(language="xx-YY")).paragraphs[-1]
+    assert closing.endswith(("Goodnight.", "The end."))

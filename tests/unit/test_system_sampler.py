@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.core.system import CgroupLimits, SystemMonitor
+from app.platform.system import CgroupLimits, SystemMonitor
 
 GIB = 1 << 30
 

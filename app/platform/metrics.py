@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import (
     REGISTRY,
@@ -33,19 +32,10 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.core.resilience import BreakerState
-
-if TYPE_CHECKING:
-    from app.core.resilience import CircuitBreaker
 
 __all__ = [
     "CONTENT_TYPE",
-    "MAINTENANCE_ROUTE",
-    "MetricsMiddleware",
     "PrometheusObserver",
-    "label_unrouted",
     "multiprocess_mode",
     "record_cache",
     "record_dependency_error",
@@ -64,12 +54,6 @@ __all__ = [
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-UNMATCHED_ROUTE = "<unmatched>"
-# Answered by maintenance mode before any route was chosen: planned, not an API error.
-MAINTENANCE_ROUTE = "<maintenance>"
-# A request-state entry naming the route label when no route template applies.
-_ROUTE_LABEL = "metrics_route_label"
 # The classic text format: every Prometheus 2.x server reads it (client 0.26 defaults to 1.0.0).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
@@ -194,7 +178,7 @@ MAINTENANCE = Gauge(
     multiprocess_mode="livemax",
 )
 
-# --- process and system (sampled in the background, see app.core.system) ----------------
+# --- process and system (sampled in the background, see app.platform.system) ----------------
 
 PROCESS_RSS = Gauge(
     "story_process_resident_memory_bytes",
@@ -288,13 +272,28 @@ def set_build_info(version: str) -> None:
     BUILD_INFO.labels(version).set(1)
 
 
-def set_breaker_state(name: str, state: BreakerState) -> None:
-    for candidate in BreakerState:
-        BREAKER_STATE.labels(name, candidate.value).set(1 if candidate is state else 0)
+# The states of `app.core.resilience.BreakerState`, by value: one gauge series each.
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+class _Snapshot(Protocol):
+    @property
+    def state(self) -> str: ...
+
+
+class _SnapshotSource(Protocol):
+    """A circuit breaker, as far as its state gauge is concerned."""
+
+    async def snapshot(self) -> _Snapshot: ...
+
+
+def set_breaker_state(name: str, state: str) -> None:
+    for candidate in BREAKER_STATES:
+        BREAKER_STATE.labels(name, candidate).set(1 if candidate == state else 0)
 
 
 async def refresh_breaker_states(
-    breakers: Mapping[str, CircuitBreaker], timeout_seconds: float
+    breakers: Mapping[str, _SnapshotSource], timeout_seconds: float
 ) -> None:
     """Set each breaker's state gauge from its (possibly shared) store.
 
@@ -305,7 +304,7 @@ async def refresh_breaker_states(
     if not breakers:
         return
 
-    async def one(name: str, breaker: CircuitBreaker) -> None:
+    async def one(name: str, breaker: _SnapshotSource) -> None:
         try:
             async with asyncio.timeout(timeout_seconds):
                 snapshot = await breaker.snapshot()
@@ -323,10 +322,9 @@ class PrometheusObserver:
     `CompositeObserver(LoggingObserver(), PrometheusObserver())`.
     """
 
-    def breaker_transition(
-        self, name: str, from_state: BreakerState, to_state: BreakerState
-    ) -> None:
-        BREAKER_TRANSITIONS.labels(name, from_state.value, to_state.value).inc()
+    def breaker_transition(self, name: str, from_state: str, to_state: str) -> None:
+        # States arrive as `BreakerState`, a `StrEnum`: its values are these strings.
+        BREAKER_TRANSITIONS.labels(name, str(from_state), str(to_state)).inc()
         set_breaker_state(name, to_state)
 
     def breaker_rejected(self, name: str, retry_after: float) -> None:
@@ -375,59 +373,3 @@ def mark_process_dead() -> None:
     """At shutdown in multiprocess mode: drop this worker's live gauges."""
     if multiprocess_mode():
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-
-
-def label_unrouted(scope: Scope, label: str) -> None:
-    """Count this request under `label` (e.g. `MAINTENANCE_ROUTE`) instead of `<unmatched>`.
-
-    For middleware that answers before the router runs; a matched route still wins.
-    """
-    scope.setdefault("state", {})[_ROUTE_LABEL] = label
-
-
-def _route_of(scope: Scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    label = scope.get("state", {}).get(_ROUTE_LABEL)
-    return label if isinstance(label, str) else UNMATCHED_ROUTE
-
-
-class MetricsMiddleware:
-    """Pure ASGI: counts and times every HTTP request by route template and status.
-
-    The route template (`/v1/stories/{story_id}`), never the raw path, so the
-    number of series stays bounded whatever callers send. A request no route
-    answered is `<unmatched>`, or `<maintenance>` when maintenance mode answered
-    it (so planned 503s stay out of the error-rate alerts).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        method = scope.get("method", "GET")
-        if method not in _KNOWN_METHODS:
-            method = "OTHER"
-        status = 500
-        started = time.perf_counter()
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        HTTP_IN_FLIGHT.inc()
-        try:
-            await self.app(scope, receive, send_and_watch)
-        finally:
-            HTTP_IN_FLIGHT.dec()
-            route = _route_of(scope)
-            code = str(status)
-            HTTP_REQUESTS.labels(method, route, code).inc()
-            HTTP_LATENCY.labels(method, route, code).observe(time.perf_counter() - started)

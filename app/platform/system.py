@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from app.core.background import stop_task
-from app.core.metrics import record_system
+from app.platform.background import stop_task
+from app.platform.metrics import record_system
 
 logger = logging.getLogger(__name__)
 

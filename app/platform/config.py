@@ -94,6 +94,10 @@ class RedisSettings(BaseSettings):
     max_connections: int = Field(default=50, ge=1)
 
 
+#: One breaker per upstream operation; the names `RESILIENCE_BREAKER_OVERRIDES` may use.
+BREAKER_NAMES = ("openai:chat", "replicate:text", "replicate:image")
+
+
 class ResilienceSettings(BaseSettings):
     """Circuit breakers, retries and bulkheads around every upstream call."""
 
@@ -124,7 +128,7 @@ class ResilienceSettings(BaseSettings):
     def _known_breakers_and_fields(
         cls, value: dict[str, dict[str, float]]
     ) -> dict[str, dict[str, float]]:
-        names = {"openai:chat", "replicate:text", "replicate:image"}
+        names = set(BREAKER_NAMES)
         fields = {"failure_threshold", "recovery_timeout", "half_open_max_calls"}
         fields |= {"max_recovery_timeout"}
         for name, changes in value.items():
@@ -142,7 +146,7 @@ class ResilienceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _recovery_within_cap(self) -> ResilienceSettings:
-        for name in ("openai:chat", "replicate:text", "replicate:image"):
+        for name in BREAKER_NAMES:
             cfg = self.breaker(name)
             if cfg["recovery_timeout"] > cfg["max_recovery_timeout"]:
                 raise ValueError(

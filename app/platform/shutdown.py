@@ -1,11 +1,6 @@
-"""The operations side of one app instance: rate-limit counters, maintenance switch,
-system sampler, Sentry, and the SIGTERM drain hook, built and wired in one place.
+"""Graceful shutdown: the SIGTERM hook that makes an instance drain before it stops.
 
-`create_app` builds `Operations` (no I/O) and hands its parts to the middleware;
-the lifespan calls `start(state)` once Redis and the database are open, and
-`stop()` at shutdown.
-
-Graceful shutdown. uvicorn installs its own SIGTERM/SIGINT handlers (with
+uvicorn installs its own SIGTERM/SIGINT handlers (with
 `signal.signal`) before the app starts; `DrainOnSignal` wraps them: the moment a
 signal arrives it marks the app as draining (`/health/ready` answers 503 from
 then on) and then hands the signal to uvicorn's handler, which stops accepting
@@ -19,31 +14,22 @@ preStop hook stop sending first); a second SIGTERM hands over at once.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from app.core.config import Settings
-from app.core.maintenance import MaintenanceSwitch
-from app.core.metrics import mark_process_dead, set_build_info
-from app.core.security import (
-    Counters,
-    FailoverCounters,
-    InProcessCounters,
-    RateLimitPolicy,
-    RedisCounters,
-    TrustedProxies,
-)
-from app.core.sentry import init_sentry, shutdown_sentry
-from app.core.system import SystemMonitor
 
-if TYPE_CHECKING:
-    from app.lifespan import AppState
+@dataclass(slots=True)
+class Lifecycle:
+    """When this instance started, and whether it is draining (readiness fails)."""
 
-logger = logging.getLogger(__name__)
+    started_at: float = field(default_factory=time.monotonic)
+    draining: bool = False
+
 
 SignalHandler = Callable[[int, FrameType | None], Any]
 
@@ -117,63 +103,3 @@ class DrainOnSignal:
         previous = self._previous.get(signum)
         if previous is not None:
             previous(signum, frame)
-
-
-class Operations:
-    """Everything this module's docstring lists, for one app instance."""
-
-    def __init__(self, settings: Settings, version: str) -> None:
-        self.settings = settings
-        self.version = version
-        self.trusted_proxies = TrustedProxies(settings.proxies.trusted_proxies)
-        self.maintenance = MaintenanceSwitch(settings.maintenance)
-        self.system = SystemMonitor(
-            interval_seconds=settings.health.sample_interval_seconds,
-            disk_path=settings.health.disk_path,
-        )
-        self.rate_counters: FailoverCounters | None = None
-        self.rate_limits = RateLimitPolicy(settings.rate_limit, self.counters)
-        self.sentry_enabled = False
-        self._drain: DrainOnSignal | None = None
-
-    def counters(self) -> Counters:
-        """The rate-limit counters in use (in-process until `start` has run)."""
-        if self.rate_counters is None:
-            self.rate_counters = FailoverCounters(None, InProcessCounters())
-        return self.rate_counters
-
-    async def start(self, state: AppState) -> None:
-        cfg = self.settings
-        self.sentry_enabled = init_sentry(cfg, self.version)
-        set_build_info(self.version)
-        self.rate_counters = FailoverCounters(
-            RedisCounters(state.redis) if state.redis is not None else None,
-            InProcessCounters(),
-            budget_seconds=cfg.rate_limit.redis_budget_ms / 1000,
-            retry_seconds=cfg.rate_limit.redis_retry_seconds,
-            gate=state.redis_gate,
-        )
-        await self.system.start()
-        await self.maintenance.start(state.redis)
-
-        loop = asyncio.get_running_loop()
-
-        def drain() -> None:
-            if not state.draining:
-                state.draining = True
-                # Logging takes locks: not from inside a signal handler.
-                loop.call_soon_threadsafe(
-                    logger.warning, "shutdown signal received: draining; readiness fails"
-                )
-
-        self._drain = DrainOnSignal(drain, delay_seconds=cfg.shutdown.drain_delay_seconds)
-        self._drain.install()
-
-    async def stop(self) -> None:
-        if self._drain is not None:
-            self._drain.uninstall()
-        await self.maintenance.stop()
-        await self.system.stop()
-        mark_process_dead()
-        if self.sentry_enabled:
-            shutdown_sentry()

@@ -1,19 +1,14 @@
-"""Pure-ASGI middleware: request id, access log and timing, and the body-size limit.
-
-Pure ASGI rather than `BaseHTTPMiddleware`, which runs the endpoint in another
-task (ContextVars set here would not reach it) and buffers streaming bodies.
-"""
+"""The request's context: its id (echoed in `X-Request-ID`), its access-log line and timing."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.observability import request_id_from, reset_request_id, set_request_id
-from app.errors import PayloadTooLargeError, problem_response
+from app.platform.logs import request_id_from, reset_request_id, set_request_id
+from app.problems import problem_response
 
 access_logger = logging.getLogger("app.access")
 
@@ -84,57 +79,8 @@ class RequestContextMiddleware:
                     "status": status_code,
                     "latency_ms": round(elapsed_ms, 2),
                     "provider": scope.get("state", {}).get("provider"),
-                    # Hash of the rate-limit client key (app.core.security), never the address.
+                    # Hash of the rate-limit client key (app.core.ratelimit), never the address.
                     "client": scope.get("state", {}).get("client_key_hash"),
                 },
             )
             reset_request_id(token)
-
-
-class BodySizeLimitMiddleware:
-    """Refuses bodies above `max_bytes` with 413, by header and while streaming."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await self._reject(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # An HTTPException passes FastAPI's body parsing untouched
-                    # (anything else would be turned into a 400).
-                    raise HTTPException(413, self._detail())
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _detail(self) -> str:
-        return f"The request body is larger than {self.max_bytes} bytes."
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(
-            413,
-            PayloadTooLargeError.title,
-            self._detail(),
-            slug=PayloadTooLargeError.slug,
-            instance=scope.get("path"),
-        )
-        await response(scope, receive, send)

@@ -1,4 +1,5 @@
-"""Maintenance mode: API routes answer 503 with `Retry-After`; health and metrics stay up.
+"""Maintenance mode's switch: API routes answer 503 with `Retry-After`
+(`app.http.maintenance`); health and metrics stay up.
 
 Two switches, either turns it on:
 
@@ -19,18 +20,10 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.background import stop_task
-from app.core.config import MaintenanceSettings
-from app.core.metrics import (
-    MAINTENANCE_ROUTE,
-    label_unrouted,
-    record_dependency_error,
-    record_maintenance,
-)
-from app.core.security import is_operational_path
-from app.errors import problem_response
+from app.platform.background import stop_task
+from app.platform.config import MaintenanceSettings
+from app.platform.metrics import record_dependency_error, record_maintenance
 
 logger = logging.getLogger(__name__)
 
@@ -101,34 +94,3 @@ class MaintenanceSwitch:
         while True:
             await asyncio.sleep(self.refresh_seconds)
             await self.refresh()
-
-
-class MaintenanceMiddleware:
-    """Pure ASGI: while maintenance is on, every non-operational request gets 503.
-
-    Those answers are counted under route `<maintenance>`, not `<unmatched>`: the
-    error-rate alerts leave them out (a planned outage pages nobody).
-    """
-
-    def __init__(self, app: ASGIApp, *, switch: MaintenanceSwitch) -> None:
-        self.app = app
-        self.switch = switch
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not self.switch.on
-            or is_operational_path(scope.get("path", ""))
-        ):
-            await self.app(scope, receive, send)
-            return
-        label_unrouted(scope, MAINTENANCE_ROUTE)
-        response = problem_response(
-            503,
-            "Down for maintenance",
-            "The service is in maintenance. Please retry later.",
-            slug="maintenance",
-            instance=scope.get("path"),
-            headers={"Retry-After": str(self.switch.retry_after_seconds)},
-        )
-        await response(scope, receive, send)

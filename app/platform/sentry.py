@@ -25,7 +25,7 @@ import sentry_sdk
 from sentry_sdk.integrations.openai import OpenAIIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
-from app.core.config import Settings
+from app.platform.config import Settings
 
 __all__ = ["DENYLIST", "FILTERED", "init_sentry", "scrub_event", "shutdown_sentry"]
 

@@ -1,0 +1,249 @@
+"""The production store: PostgreSQL through an asyncpg pool (`DATABASE_URL`).
+
+Implements `app.db.repository.StoryRepository`. Migrations run under an
+advisory lock, so replicas starting together do not race.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from app.db.repository import (
+    _CLAIM_SQL,
+    _COLUMNS,
+    _ENTRY_COLUMNS,
+    ClaimLostError,
+    _claim_or_read,
+    _page,
+    _storage_errors,
+    migration_files,
+)
+from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
+
+# Any fixed 64-bit number, the same in every replica.
+_MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
+
+_CLAIM = _CLAIM_SQL.format(p1="$1", p2="$2", p3="$3", p4="$4", p5="$5", p6="$6")
+
+_OUTAGES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up
+    asyncpg.exceptions.OperatorInterventionError,  # 57P01/57P02: shutting down, crashed
+    asyncpg.exceptions.InsufficientResourcesError,  # 53300: too many connections
+    asyncpg.InterfaceError,  # connection lost or closed under us
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout
+)
+
+
+def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
+    return StoryRecord(
+        id=row["id"],
+        owner=row["owner"],
+        title=row["title"],
+        paragraphs=tuple(row["paragraphs"]),
+        prompt=row["prompt"],
+        age=row["age"],
+        length=row["length"],
+        language=row["language"],
+        provider=row["provider"],
+        model=row["model"],
+        degraded=row["degraded"],
+        illustration_url=row["illustration_url"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        generation_ms=row["generation_ms"],
+        created_at=row["created_at"],
+        illustrate=row["illustrate"],
+    )
+
+
+@_storage_errors(*_OUTAGES)
+class PostgresStoryRepository:
+    backend = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool, *, operation_timeout: float | None = None) -> None:
+        self._pool = pool
+        self.operation_timeout = operation_timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        command_timeout: float,
+        connect_timeout: float,
+    ) -> PostgresStoryRepository:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            timeout=connect_timeout,
+        )
+        return cls(pool, operation_timeout=connect_timeout + command_timeout)
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in migration_files(self.backend):
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+        return applied
+
+    async def applied_migrations(self) -> list[str]:
+        rows = await self._pool.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        return [row["version"] for row in rows]
+
+    async def add(
+        self,
+        story: StoryRecord,
+        *,
+        idempotency_key: str | None = None,
+        claimed_until: datetime | None = None,
+    ) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._insert(conn, story)
+            if idempotency_key is not None:
+                status = await conn.execute(
+                    "UPDATE idempotency_keys SET state = 'done', story_id = $3 "
+                    "WHERE owner = $1 AND key = $2 AND state = 'pending' AND locked_until = $4",
+                    story.owner,
+                    idempotency_key,
+                    story.id,
+                    claimed_until,
+                )
+                if status != "UPDATE 1":
+                    raise ClaimLostError(idempotency_key)  # rolls the story back
+
+    async def claim_key(
+        self,
+        owner: str,
+        key: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        locked_until: datetime,
+        expires_at: datetime,
+    ) -> IdempotencyEntry | None:
+        async def claim() -> bool:
+            claimed = await self._pool.fetchval(
+                _CLAIM, owner, key, fingerprint, locked_until, now, expires_at
+            )
+            return claimed is not None
+
+        return await _claim_or_read(claim, lambda: self._read_entry(owner, key))
+
+    async def _read_entry(self, owner: str, key: str) -> IdempotencyEntry | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
+            "WHERE owner = $1 AND key = $2",
+            owner,
+            key,
+        )
+        if row is None:
+            return None
+        return IdempotencyEntry(
+            fingerprint=row["fingerprint"],
+            state=row["state"],
+            story_id=row["story_id"],
+            locked_until=row["locked_until"],
+        )
+
+    async def release_key(self, owner: str, key: str) -> None:
+        await self._pool.execute(
+            "DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2 AND state = 'pending'",
+            owner,
+            key,
+        )
+
+    async def purge_expired_keys(self, now: datetime) -> int:
+        result = await self._pool.execute("DELETE FROM idempotency_keys WHERE expires_at < $1", now)
+        return int(result.split()[-1])
+
+    @staticmethod
+    async def _insert(conn: asyncpg.Connection, story: StoryRecord) -> None:
+        await conn.execute(
+            f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            story.id,
+            story.owner,
+            story.title,
+            list(story.paragraphs),
+            story.prompt,
+            story.age,
+            story.length,
+            story.language,
+            story.provider,
+            story.model,
+            story.degraded,
+            story.illustration_url,
+            story.prompt_tokens,
+            story.completion_tokens,
+            story.generation_ms,
+            story.created_at,
+            story.illustrate,
+        )
+
+    async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM stories WHERE id = $1 AND owner = $2",  # noqa: S608
+            story_id,
+            owner,
+        )
+        return _record_from_pg(row) if row else None
+
+    async def list_page(self, owner: str, limit: int, after: PageCursor | None = None) -> StoryPage:
+        if after is None:
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+                "ORDER BY created_at DESC, id DESC LIMIT $2",
+                owner,
+                limit + 1,
+            )
+        else:
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+                "AND (created_at, id) < ($2, $3) "
+                "ORDER BY created_at DESC, id DESC LIMIT $4",
+                owner,
+                after.created_at,
+                after.id,
+                limit + 1,
+            )
+        return _page([_record_from_pg(r) for r in rows], limit)
+
+    async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+            "AND age BETWEEN $2 AND $3 "
+            "ORDER BY degraded ASC, abs(age - $4) ASC, created_at DESC LIMIT $5",
+            owner,
+            age - 1,
+            age + 1,
+            age,
+            limit,
+        )
+        return [_record_from_pg(r) for r in rows]
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        await self._pool.fetchval("SELECT 1")
+        return (time.perf_counter() - started) * 1000
+
+    async def close(self) -> None:
+        await self._pool.close()

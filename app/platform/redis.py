@@ -1,0 +1,216 @@
+"""Redis within a time budget, and this process when Redis is not there.
+
+Three parts of the service keep state in Redis so that every worker and replica
+shares it: the circuit breakers, the rate-limit counters and the story cache.
+Each must keep answering when Redis is slow or gone, and all three do it the one
+way written here, `RedisBudget`:
+
+- every Redis call runs under a hard budget (`REDIS_SOCKET_TIMEOUT_MS`, 50 ms by
+  default); a call that errs or overruns is answered in-process instead;
+- after such a failure the part is *degraded*: it stays in-process for
+  `retry_seconds`, then exactly one call tries Redis again (the others stay
+  in-process meanwhile), and the first answer from Redis ends the degradation;
+- the process holds one `RedisGate`: the first part to see Redis fail closes it
+  for a second, and the others go in-process at once instead of spending a
+  budget each (a request pays one budget, not one per part). Going in-process
+  behind a closed gate makes a part degraded too, but it is not a failure of
+  its own: it neither closes the gate again nor delays its next try.
+
+`open_redis` builds the client all of this needs: one that fails in milliseconds.
+redis-py's defaults (5 s socket timeouts, retries with backoff) would turn a
+silent Redis into many seconds per call, and no budget could help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app.platform.clock import SYSTEM_CLOCK, Clock
+
+__all__ = [
+    "BudgetListener",
+    "RedisBudget",
+    "RedisGate",
+    "RedisGateClosedError",
+    "describe_error",
+    "open_redis",
+]
+
+T = TypeVar("T")
+
+
+def open_redis(
+    url: str,
+    *,
+    timeout_seconds: float,
+    connect_timeout_seconds: float,
+    max_connections: int,
+) -> aioredis.Redis:
+    """A client whose every wait is bounded by `timeout_seconds`.
+
+    One immediate retry on a *connection* error only: after a Redis restart the
+    pooled sockets are dead, and the first use of each should reconnect rather
+    than fail over; timeouts are never retried. A blocking pool: past
+    `max_connections` a caller waits (within the same timeout) for a free
+    connection instead of failing at once.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=max(connect_timeout_seconds, timeout_seconds),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        max_connections=max_connections,
+        timeout=timeout_seconds,
+        health_check_interval=0,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class RedisGate:
+    """This process's shared view of whether Redis answers (see the module's doc)."""
+
+    def __init__(self, cool_down_seconds: float = 1.0, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.cool_down_seconds = cool_down_seconds
+        self._clock = clock
+        self._closed_until = 0.0
+
+    def is_open(self) -> bool:
+        return self._clock.monotonic() >= self._closed_until
+
+    def report_failure(self) -> None:
+        self._closed_until = max(
+            self._closed_until, self._clock.monotonic() + self.cool_down_seconds
+        )
+
+
+class RedisGateClosedError(Exception):
+    """Why a part is in-process although its own last Redis call succeeded."""
+
+    def __init__(self) -> None:
+        super().__init__("Redis gate closed: another part of this process saw Redis fail")
+
+
+def describe_error(error: BaseException) -> str:
+    """`repr` of an error with a message, else its type's name (`TimeoutError`)."""
+    return repr(error) if str(error) else type(error).__name__
+
+
+class BudgetListener(Protocol):
+    """What a part of the service does when its Redis access changes (log, count).
+
+    Called synchronously; must be cheap and must not raise.
+    """
+
+    def redis_failed(self, error: BaseException, operation: str, *, first: bool) -> None:
+        """A Redis call failed or overran the budget. `first`: the part was not
+        degraded before (the start of an outage, as this part sees it)."""
+
+    def gate_closed(self) -> None:
+        """The part went in-process because the gate was closed (not its own failure)."""
+
+    def recovered(self) -> None:
+        """Redis answered again: state is shared again."""
+
+
+class _Silent:
+    def redis_failed(self, error: BaseException, operation: str, *, first: bool) -> None:
+        pass
+
+    def gate_closed(self) -> None:
+        pass
+
+    def recovered(self) -> None:
+        pass
+
+
+class RedisBudget:
+    """One part's way to Redis: every call within the budget, in-process otherwise.
+
+    `run(on_redis, on_local)` awaits `on_redis()` within `budget_seconds`, or
+    `on_local()` when Redis may not be tried now or fails; it never raises a
+    Redis error. Without a `gate`, the part gets one of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        budget_seconds: float,
+        retry_seconds: float = 1.0,
+        gate: RedisGate | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        listener: BudgetListener | None = None,
+    ) -> None:
+        if budget_seconds <= 0 or retry_seconds < 0:
+            raise ValueError("budget_seconds must be > 0 and retry_seconds >= 0")
+        self.budget_seconds = budget_seconds
+        self.retry_seconds = retry_seconds
+        self.gate = gate if gate is not None else RedisGate(clock=clock)
+        self.listener: BudgetListener = listener or _Silent()
+        self._clock = clock
+        self._degraded = False
+        self._retry_at = 0.0
+        self._probing = False
+        self.last_error: BaseException | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """True while this part keeps its state in-process although Redis is configured."""
+        return self._degraded
+
+    @property
+    def available(self) -> bool:
+        """Whether a call now would try Redis (no side effects; see `run`)."""
+        if not self.gate.is_open() or self._probing:
+            return False
+        return not self._degraded or self._clock.monotonic() >= self._retry_at
+
+    async def run(
+        self,
+        on_redis: Callable[[], Awaitable[T]],
+        on_local: Callable[[], Awaitable[T]],
+        *,
+        operation: str = "call",
+    ) -> tuple[T, bool]:
+        """The result, and True when Redis produced it (False: `on_local` did)."""
+        if not self.gate.is_open():
+            self._behind_closed_gate()
+            return await on_local(), False
+        if self._degraded and (self._probing or self._clock.monotonic() < self._retry_at):
+            return await on_local(), False
+        probe = self._probing = self._degraded
+        try:
+            async with asyncio.timeout(self.budget_seconds):
+                result = await on_redis()
+        except Exception as error:  # any Redis error or the budget: never the caller's
+            self._fail(error, operation)
+            return await on_local(), False
+        finally:
+            if probe:
+                self._probing = False
+        if self._degraded:
+            self._degraded = False
+            self.last_error = None
+            self.listener.recovered()
+        return result, True
+
+    def _behind_closed_gate(self) -> None:
+        if self._degraded:
+            return
+        self._degraded = True
+        self.last_error = RedisGateClosedError()
+        self.listener.gate_closed()
+
+    def _fail(self, error: BaseException, operation: str) -> None:
+        first = not self._degraded
+        self.gate.report_failure()
+        self._degraded = True
+        self.last_error = error
+        self._retry_at = self._clock.monotonic() + self.retry_seconds
+        self.listener.redis_failed(error, operation, first=first)
