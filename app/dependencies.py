@@ -2,7 +2,9 @@
 
 The state is built by `app.lifespan` and held at `app.state.app_state`; this
 module is the only place that reads it from there. A missing part is a wiring
-error and fails loudly, never a silently skipped check.
+error and fails loudly, never a silently skipped check. The dependencies are
+`async def` although they await nothing: FastAPI runs a plain `def` dependency
+in its thread pool, a hop that halved the throughput of `/health`.
 """
 
 from __future__ import annotations
@@ -27,21 +29,25 @@ def get_app_state(request: Request) -> AppState:
     return app_state_of(request.app)
 
 
-def get_story_service(request: Request) -> StoryService:
+def principal_of(request: Request) -> str:
+    """Who is asking: the id that owns the stories it creates and reads."""
+    return get_app_state(request).identity.authenticate(request).id
+
+
+async def get_story_service(request: Request) -> StoryService:
     return get_app_state(request).stories
 
 
-def get_health(request: Request) -> HealthService:
+async def get_health(request: Request) -> HealthService:
     return get_app_state(request).health
 
 
-def get_rate_limits(request: Request) -> RateLimitPolicy:
+async def get_rate_limits(request: Request) -> RateLimitPolicy:
     return get_app_state(request).rate_limits
 
 
-def get_principal(request: Request) -> str:
-    """Who is asking: the id that owns the stories it creates and reads."""
-    return get_app_state(request).identity.authenticate(request).id
+async def get_principal(request: Request) -> str:
+    return principal_of(request)
 
 
 StoryServiceDep = Annotated[StoryService, Depends(get_story_service)]

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.core.ratelimit import RateLimitMiddleware, TrustedProxies, limiter
-from app.dependencies import RATE_LIMITED, get_principal
+from app.dependencies import RATE_LIMITED, principal_of
 from app.http.body_limit import BodySizeLimitMiddleware
 from app.http.context import RequestContextMiddleware
 from app.http.maintenance import MaintenanceMiddleware
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RateLimitMiddleware,
         trusted_proxies=TrustedProxies(settings.proxies.trusted_proxies),
-        principal_of=get_principal,
+        principal_of=principal_of,
         anonymous_principal=settings.anonymous_principal,
     )
     app.add_middleware(MaintenanceMiddleware)
