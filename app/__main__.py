@@ -13,6 +13,9 @@ everything an operator tunes at run time is read here instead:
 | LOG_LEVEL                | INFO      | uvicorn's own log level (the app reads it too)        |
 | RELOAD                   | false     | restart on code changes (development only; 1 worker)  |
 | PROMETHEUS_MULTIPROC_DIR | unset     | metrics directory shared by the workers (see below)   |
+| KEEP_ALIVE_TIMEOUT_SECONDS | 5       | an idle connection between requests is closed after   |
+| REQUEST_READ_TIMEOUT_SECONDS | 10    | a request (head and body) must arrive within, or 408  |
+| MAX_REQUEST_HEAD_BYTES   | 16384     | request line + headers above this: 400 from h11       |
 
 Proxy headers: the app decides who the client is from `TRUSTED_PROXIES` (rate
 limits are keyed on it). uvicorn can also rewrite the client address and scheme
@@ -30,6 +33,17 @@ directory is created if missing and emptied of prometheus-client's files
 (`*.db`) before uvicorn starts, so counters of a previous run's workers do not
 live on. `WEB_CONCURRENCY` > 1 without it starts with a warning: each worker
 would then expose only its own figures, and a scrape reads one at random.
+
+Slow and greedy clients: uvicorn serves HTTP/1.1 with h11 (not httptools, which
+bounds no header size) through `app.http.server.DeadlineH11Protocol`: a request
+head above `MAX_REQUEST_HEAD_BYTES` is a 400 from h11 before the app runs; a
+connection that has not delivered its whole request `REQUEST_READ_TIMEOUT_SECONDS`
+after opening (or after the request's first byte) gets 408 and is closed; one
+idle between requests is closed after `KEEP_ALIVE_TIMEOUT_SECONDS`. Behind a
+proxy that keeps upstream connections open longer than that (nginx ingress: 60
+s), raise it above the proxy's, or the proxy may send a request on a connection
+being closed. Header count and size within the head are the app's
+(`MAX_HEADER_COUNT`, `MAX_HEADER_BYTES`: 431). Figures: `docs/security.md`.
 
 Graceful shutdown: on SIGTERM uvicorn stops accepting connections, lets
 in-flight requests run for up to `SHUTDOWN_GRACE_SECONDS`, then runs the app's
@@ -50,6 +64,9 @@ from typing import Annotated, Any
 import uvicorn
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.http.server import IMPORT_PATH as HTTP_PROTOCOL
+from app.http.server import READ_TIMEOUT_ENV
 
 APP_IMPORT_PATH = "app.main:app"
 
@@ -74,6 +91,11 @@ class ServerSettings(BaseSettings):
     shutdown_grace_seconds: Annotated[int, Field(ge=0, le=600)] = 35
     log_level: str = "INFO"
     reload: bool = False
+    # Slow and idle clients (uvicorn's keep-alive timer wants whole seconds).
+    keep_alive_timeout_seconds: Annotated[int, Field(ge=1, le=900)] = 5
+    request_read_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # Request line and headers, as h11 buffers them before the app sees a request.
+    max_request_head_bytes: Annotated[int, Field(ge=4096, le=1024 * 1024)] = 16 * 1024
 
     @field_validator("log_level")
     @classmethod
@@ -113,6 +135,9 @@ class ServerSettings(BaseSettings):
             "access_log": False,
             "server_header": False,
             "lifespan": "on",
+            "http": HTTP_PROTOCOL,
+            "h11_max_incomplete_event_size": self.max_request_head_bytes,
+            "timeout_keep_alive": self.keep_alive_timeout_seconds,
         }
 
 
@@ -163,6 +188,8 @@ def prepare_multiprocess_metrics(
 def main() -> None:
     settings = ServerSettings()
     prepare_multiprocess_metrics(settings)
+    # For DeadlineH11Protocol, which uvicorn builds in each worker process.
+    os.environ[READ_TIMEOUT_ENV] = str(settings.request_read_timeout_seconds)
     uvicorn.run(APP_IMPORT_PATH, **settings.uvicorn_options())
 
 

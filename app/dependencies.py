@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from starlette.applications import Starlette
 
 from app.core.ratelimit import CLIENT_KEY, RateLimitPolicy
+from app.core.security import remember_principal, remembered_principal
 from app.lifespan import AppState
 from app.services.health import HealthService
 from app.services.stories import StoryService
@@ -30,8 +31,17 @@ def get_app_state(request: Request) -> AppState:
 
 
 def principal_of(request: Request) -> str:
-    """Who is asking: the id that owns the stories it creates and reads."""
-    return get_app_state(request).identity.authenticate(request).id
+    """Who is asking, without I/O, for the rate limiter's (synchronous) key: the
+    principal when the token verifies with keys already held, else the anonymous
+    principal (keyed by address). Never raises for a bad token: `get_principal` does."""
+    principal = remembered_principal(request)
+    if principal is None:
+        state = get_app_state(request)
+        principal = state.identity.authenticate_cached(request)
+        if principal is None:
+            return state.settings.anonymous_principal
+        remember_principal(request, principal)
+    return principal.id
 
 
 async def get_story_service(request: Request) -> StoryService:
@@ -47,7 +57,13 @@ async def get_rate_limits(request: Request) -> RateLimitPolicy:
 
 
 async def get_principal(request: Request) -> str:
-    return principal_of(request)
+    """The id that owns the stories the caller creates and reads; 401 without a
+    valid token (in `AUTH_MODE=jwt`). A token verified once per request."""
+    principal = remembered_principal(request)
+    if principal is None:
+        principal = await get_app_state(request).identity.authenticate(request)
+        remember_principal(request, principal)
+    return principal.id
 
 
 StoryServiceDep = Annotated[StoryService, Depends(get_story_service)]

@@ -7,6 +7,7 @@ headers (`Retry-After`) and per-field errors. This module imports nothing from
 the app, so every layer may raise these.
 
     AppError                      500 internal
+     +-- UnauthorizedError        401 unauthorized (WWW-Authenticate)
      +-- NotFoundError            404 not-found
      +-- ConflictError            409 conflict
      +-- PayloadTooLargeError     413 payload-too-large
@@ -39,6 +40,17 @@ class AppError(Exception):
         self.detail = detail or self.title
         self.headers = dict(headers or {})
         self.errors = list(errors or [])
+
+
+class UnauthorizedError(AppError):
+    """No acceptable credentials; `challenge` is the `WWW-Authenticate` value (RFC 6750)."""
+
+    status_code = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+    def __init__(self, detail: str | None = None, *, challenge: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
 
 
 class NotFoundError(AppError):

@@ -37,7 +37,7 @@ from app.core.resilience import (
     ResilienceObserver,
 )
 from app.core.resilience.stores import preload_breaker_script
-from app.core.security import AnonymousAuthenticator, Authenticator
+from app.core.security import Authenticator, build_authenticator
 from app.db.postgres import PostgresStoryRepository
 from app.db.repository import StoryRepository
 from app.db.sqlite import SqliteStoryRepository
@@ -49,6 +49,7 @@ from app.platform.metrics import (
     PrometheusObserver,
     mark_process_dead,
     record_cache,
+    record_moderation,
     record_upstream_call,
     set_build_info,
 )
@@ -60,7 +61,10 @@ from app.providers.offline import OfflineStoryProvider
 from app.providers.registry import build_upstreams
 from app.services.cache import CacheRedisEvents, StoryCache
 from app.services.health import HealthService
-from app.services.stories import IdempotencyPolicy, StoryService
+from app.services.idempotency import IdempotencyPolicy
+from app.services.ladder import LadderBudget
+from app.services.moderation import ModerationService
+from app.services.stories import StoryService
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +206,21 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         offline=OfflineStoryProvider() if settings.resilience.offline_fallback else None,
         illustrator=upstreams.illustrator,
         deadline_seconds=settings.request_deadline_seconds,
+        budget=LadderBudget(
+            reserve_seconds=settings.resilience.ladder_reserve_seconds,
+            share=settings.resilience.rung_share,
+            floors={
+                "openai": settings.openai.floor_seconds,
+                "replicate": settings.replicate.floor_seconds,
+            },
+        ),
         cache=cache,
+        # Every prompt and upstream story checked (docs/security.md, "Child-safe content").
+        moderation=ModerationService.from_settings(
+            settings, upstreams.moderator, record=record_moderation
+        ),
         idempotency=IdempotencyPolicy(
-            lock_seconds=settings.request_deadline_seconds + 30,
+            lease_seconds=settings.idempotency_lease_seconds,
             ttl_seconds=settings.idempotency_ttl_seconds,
             wait_seconds=settings.idempotency_wait_seconds,
         ),
@@ -230,6 +246,11 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
     )
     await system.start()
     stack.push_async_callback(system.stop)
+    # Who the caller is: bearer JWTs (keys fetched now when from a JWKS), or nobody.
+    identity = build_authenticator(settings, observer=observer)
+    stack.push_async_callback(identity.aclose)
+    await identity.start()
+    breakers = {**upstreams.breakers, **identity.breakers}
     maintenance = MaintenanceSwitch(settings.maintenance)
     await maintenance.start(redis)
     stack.push_async_callback(maintenance.stop)
@@ -242,8 +263,8 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         redis=redis,
         redis_gate=redis_gate,
         stories=stories,
-        breakers=upstreams.breakers,
-        identity=AnonymousAuthenticator(settings.anonymous_principal),
+        breakers=breakers,
+        identity=identity,
         rate_limits=RateLimitPolicy(settings.rate_limit, rate_counters),
         rate_counters=rate_counters,
         maintenance=maintenance,
@@ -253,7 +274,7 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
             version=version,
             repository=repository,
             redis=health_redis,
-            breakers=upstreams.breakers,
+            breakers=breakers,
             rate_counters=rate_counters,
             maintenance=maintenance,
             system=system,

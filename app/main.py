@@ -14,6 +14,7 @@ from app.core.ratelimit import RateLimitMiddleware, TrustedProxies, limiter
 from app.dependencies import RATE_LIMITED, principal_of
 from app.http.body_limit import BodySizeLimitMiddleware
 from app.http.context import RequestContextMiddleware
+from app.http.headers import HeaderLimitMiddleware
 from app.http.maintenance import MaintenanceMiddleware
 from app.http.metrics import MetricsMiddleware
 from app.lifespan import lifespan_for
@@ -31,6 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=VERSION,
         description="Writes, illustrates and keeps children's stories; degrades, never fails.",
         lifespan=lifespan_for(settings, VERSION),
+        # Off in production unless DOCS_ENABLED=true: the schema maps every route.
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+        # No `/v1/stories/` -> `/v1/stories` redirect: Starlette builds it from the
+        # Host header, so a forged Host made it an open redirect. Such paths are 404.
+        redirect_slashes=False,
     )
     app.state.limiter = limiter  # slowapi's convention: @limiter.limit on endpoints
     install_error_handlers(app)
@@ -47,6 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anonymous_principal=settings.anonymous_principal,
     )
     app.add_middleware(MaintenanceMiddleware)
+    app.add_middleware(
+        HeaderLimitMiddleware,
+        max_count=settings.max_header_count,
+        max_bytes=settings.max_header_bytes,
+    )
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(

@@ -30,6 +30,9 @@ class StoryRecord:
     generation_ms: int
     created_at: datetime
     illustrate: bool = False  # asked for a picture (illustration_url None: none could be drawn)
+    # The local word list, not OpenAI's moderation, passed the prompt or the text
+    # (None: written before content checks existed).
+    moderated_locally: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ class IdempotencyEntry:
     fingerprint: str
     state: str  # "pending" while its request runs, "done" once its story is stored
     story_id: UUID | None
+    # End of the pending claim's lease: its holder renews it while its request
+    # runs; once it has passed, the holder is taken to be dead.
     locked_until: datetime
 
 

@@ -41,6 +41,13 @@ DOCKERFILE = ROOT / "Dockerfile"
 REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD")
 # What CI pretends an operator exported: the required secrets and nothing else.
 CI_ENVIRONMENT = {name: "ci-secret-value" for name in REQUIRED_SECRETS}
+# What an operator must give the production stack besides the secrets: its
+# identity provider (production refuses AUTH_MODE=none).
+PROD_REQUIRED = {
+    "AUTH_JWKS_URL": "https://idp.example.com/.well-known/jwks.json",
+    "AUTH_ISSUER": "https://idp.example.com/",
+    "AUTH_AUDIENCE": "story-app",
+}
 
 _VARIABLE = re.compile(
     r"\$(?:(?P<escaped>\$)"
@@ -262,7 +269,13 @@ def check_compose() -> list[str]:
     base_raw, prod_raw = load_yaml(BASE_FILE), load_yaml(PROD_FILE)
     problems = secret_problems(base_raw)
     base = interpolate(base_raw, CI_ENVIRONMENT)
-    merged = merge(base, interpolate(prod_raw, CI_ENVIRONMENT))
+    merged = merge(base, interpolate(prod_raw, {**CI_ENVIRONMENT, **PROD_REQUIRED}))
+    for name in PROD_REQUIRED:
+        try:
+            interpolate(prod_raw, {k: v for k, v in PROD_REQUIRED.items() if k != name})
+        except InterpolationError:
+            continue
+        problems.append(f"prod: compose would start without {name}")
     problems += schema_problems(base, "dev (interpolated)")
     problems += schema_problems(merged, "prod (merged)")
     if not problems:

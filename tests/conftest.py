@@ -12,11 +12,16 @@ import concurrent.futures
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+
+from app.db.postgres import PostgresStoryRepository
+from app.db.repository import StoryRepository
+from app.db.sqlite import SqliteStoryRepository
 
 pytest_plugins = ["tests.fakes.plugin"]
 
@@ -131,3 +136,23 @@ def clean_postgres(postgres_url: str) -> str:
     """
     run_sync(lambda: _truncate_all(postgres_url))
     return postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def repository(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StoryRepository]:
+    """A migrated story repository on each backend in turn (the contract runs on both)."""
+    repo: StoryRepository
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("clean_postgres")
+        repo = await PostgresStoryRepository.connect(
+            url, min_size=1, max_size=4, command_timeout=5, connect_timeout=5
+        )
+    else:
+        repo = await SqliteStoryRepository.open(tmp_path / "stories.sqlite3")
+    await repo.migrate()
+    try:
+        yield repo
+    finally:
+        await repo.close()

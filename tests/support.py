@@ -48,7 +48,13 @@ def make_settings(
     **overrides: Any,
 ) -> Settings:
     openai = (
-        OpenAISettings(_env_file=None, api_key=SecretStr("sk-test"), base_url=openai_base_url)
+        # Floors far below the seconds real models need: tests use short deadlines.
+        OpenAISettings(
+            _env_file=None,
+            api_key=SecretStr("sk-test"),
+            base_url=openai_base_url,
+            floor_seconds=0.1,
+        )
         if openai_base_url
         else OpenAISettings(_env_file=None, api_key=None)
     )
@@ -58,6 +64,7 @@ def make_settings(
             api_token=SecretStr("r8_test"),
             base_url=replicate_base_url,
             poll_interval_seconds=0.01,
+            floor_seconds=0.1,
         )
         if replicate_base_url
         else ReplicateSettings(_env_file=None, api_token=None)
@@ -134,6 +141,11 @@ _OWN_PREFIXES = (
     "SENTRY_",
     "MAINTENANCE_",
     "SHUTDOWN_",
+    "AUTH_",
+    "MODERATION_",
+    "DOCS_ENABLED",
+    "METRICS_TOKEN",
+    "IDEMPOTENCY_",
     "TRUSTED_PROXIES",
     "PROMETHEUS_MULTIPROC_DIR",
     "WEB_CONCURRENCY",

@@ -13,21 +13,28 @@ from uuid import UUID
 import asyncpg
 
 from app.db.repository import (
-    _CLAIM_SQL,
-    _COLUMNS,
-    _ENTRY_COLUMNS,
+    CLAIM_SQL,
+    DONE_SQL,
+    ENTRY_COLUMNS,
+    RELEASE_SQL,
+    RENEW_SQL,
+    STORY_COLUMNS,
     ClaimLostError,
-    _claim_or_read,
-    _page,
-    _storage_errors,
+    claim_or_read,
     migration_files,
+    page_of,
+    storage_errors,
 )
 from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
 
 # Any fixed 64-bit number, the same in every replica.
 _MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
 
-_CLAIM = _CLAIM_SQL.format(p1="$1", p2="$2", p3="$3", p4="$4", p5="$5", p6="$6")
+_PLACEHOLDERS = {f"p{n}": f"${n}" for n in range(1, 8)}
+_CLAIM = CLAIM_SQL.format(**_PLACEHOLDERS)
+_RENEW = RENEW_SQL.format(**_PLACEHOLDERS)
+_RELEASE = RELEASE_SQL.format(**_PLACEHOLDERS)
+_DONE = DONE_SQL.format(**_PLACEHOLDERS)
 
 _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
@@ -58,10 +65,11 @@ def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
         generation_ms=row["generation_ms"],
         created_at=row["created_at"],
         illustrate=row["illustrate"],
+        moderated_locally=row["moderated_locally"],
     )
 
 
-@_storage_errors(*_OUTAGES)
+@storage_errors(*_OUTAGES)
 class PostgresStoryRepository:
     backend = "postgres"
 
@@ -114,18 +122,13 @@ class PostgresStoryRepository:
         story: StoryRecord,
         *,
         idempotency_key: str | None = None,
-        claimed_until: datetime | None = None,
+        claim_token: str | None = None,
     ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._insert(conn, story)
             if idempotency_key is not None:
                 status = await conn.execute(
-                    "UPDATE idempotency_keys SET state = 'done', story_id = $3 "
-                    "WHERE owner = $1 AND key = $2 AND state = 'pending' AND locked_until = $4",
-                    story.owner,
-                    idempotency_key,
-                    story.id,
-                    claimed_until,
+                    _DONE, story.owner, idempotency_key, claim_token, story.id
                 )
                 if status != "UPDATE 1":
                     raise ClaimLostError(idempotency_key)  # rolls the story back
@@ -136,21 +139,29 @@ class PostgresStoryRepository:
         key: str,
         fingerprint: str,
         *,
+        token: str,
         now: datetime,
         locked_until: datetime,
         expires_at: datetime,
     ) -> IdempotencyEntry | None:
         async def claim() -> bool:
             claimed = await self._pool.fetchval(
-                _CLAIM, owner, key, fingerprint, locked_until, now, expires_at
+                _CLAIM, owner, key, fingerprint, token, locked_until, now, expires_at
             )
             return claimed is not None
 
-        return await _claim_or_read(claim, lambda: self._read_entry(owner, key))
+        return await claim_or_read(claim, lambda: self._read_entry(owner, key))
+
+    async def renew_key(self, owner: str, key: str, token: str, *, locked_until: datetime) -> bool:
+        status = await self._pool.execute(_RENEW, owner, key, token, locked_until)
+        return bool(status == "UPDATE 1")
+
+    async def read_key(self, owner: str, key: str) -> IdempotencyEntry | None:
+        return await self._read_entry(owner, key)
 
     async def _read_entry(self, owner: str, key: str) -> IdempotencyEntry | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
+            f"SELECT {ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
             "WHERE owner = $1 AND key = $2",
             owner,
             key,
@@ -164,12 +175,8 @@ class PostgresStoryRepository:
             locked_until=row["locked_until"],
         )
 
-    async def release_key(self, owner: str, key: str) -> None:
-        await self._pool.execute(
-            "DELETE FROM idempotency_keys WHERE owner = $1 AND key = $2 AND state = 'pending'",
-            owner,
-            key,
-        )
+    async def release_key(self, owner: str, key: str, token: str) -> None:
+        await self._pool.execute(_RELEASE, owner, key, token)
 
     async def purge_expired_keys(self, now: datetime) -> int:
         result = await self._pool.execute("DELETE FROM idempotency_keys WHERE expires_at < $1", now)
@@ -178,8 +185,8 @@ class PostgresStoryRepository:
     @staticmethod
     async def _insert(conn: asyncpg.Connection, story: StoryRecord) -> None:
         await conn.execute(
-            f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            f"INSERT INTO stories ({STORY_COLUMNS}) VALUES "  # noqa: S608 - constant column list
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
             story.id,
             story.owner,
             story.title,
@@ -197,11 +204,12 @@ class PostgresStoryRepository:
             story.generation_ms,
             story.created_at,
             story.illustrate,
+            story.moderated_locally,
         )
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM stories WHERE id = $1 AND owner = $2",  # noqa: S608
+            f"SELECT {STORY_COLUMNS} FROM stories WHERE id = $1 AND owner = $2",  # noqa: S608
             story_id,
             owner,
         )
@@ -210,14 +218,14 @@ class PostgresStoryRepository:
     async def list_page(self, owner: str, limit: int, after: PageCursor | None = None) -> StoryPage:
         if after is None:
             rows = await self._pool.fetch(
-                f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+                f"SELECT {STORY_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
                 "ORDER BY created_at DESC, id DESC LIMIT $2",
                 owner,
                 limit + 1,
             )
         else:
             rows = await self._pool.fetch(
-                f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+                f"SELECT {STORY_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
                 "AND (created_at, id) < ($2, $3) "
                 "ORDER BY created_at DESC, id DESC LIMIT $4",
                 owner,
@@ -225,11 +233,11 @@ class PostgresStoryRepository:
                 after.id,
                 limit + 1,
             )
-        return _page([_record_from_pg(r) for r in rows], limit)
+        return page_of([_record_from_pg(r) for r in rows], limit)
 
     async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
         rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
+            f"SELECT {STORY_COLUMNS} FROM stories WHERE owner = $1 "  # noqa: S608
             "AND age BETWEEN $2 AND $3 "
             "ORDER BY degraded ASC, abs(age - $4) ASC, created_at DESC LIMIT $5",
             owner,

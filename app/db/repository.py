@@ -45,12 +45,13 @@ class StoryRepository(Protocol):
         story: StoryRecord,
         *,
         idempotency_key: str | None = None,
-        claimed_until: datetime | None = None,
+        claim_token: str | None = None,
     ) -> None:
         """Stores the story; with a key, marks that key done in the same transaction.
 
-        `claimed_until` is the `locked_until` of this request's claim: if the key
-        was taken over since (a newer claim), nothing is stored (ClaimLostError).
+        `claim_token` is the token of this request's claim on the key: unless
+        that claim is still pending (not taken over since, not released),
+        nothing is stored (ClaimLostError).
         """
 
     async def claim_key(
@@ -59,19 +60,34 @@ class StoryRepository(Protocol):
         key: str,
         fingerprint: str,
         *,
+        token: str,
         now: datetime,
         locked_until: datetime,
         expires_at: datetime,
     ) -> IdempotencyEntry | None:
         """Claims an Idempotency-Key atomically across processes and replicas.
 
-        Returns None when this caller now holds the key (new, expired, or a
-        pending claim whose holder died, i.e. past `locked_until`, for the
-        same request); otherwise the entry an earlier request left.
+        Returns None when this caller now holds the key under `token`, with a
+        lease until `locked_until` (the key was new, expired, or pending under a
+        lease that lapsed before `now`, i.e. its holder died, for the same
+        request); otherwise the entry an earlier request left.
         """
 
-    async def release_key(self, owner: str, key: str) -> None:
-        """Drops a pending claim (its request failed), so a retry can run."""
+    async def renew_key(self, owner: str, key: str, token: str, *, locked_until: datetime) -> bool:
+        """Extends the lease of the pending claim `token` to `locked_until`.
+
+        False when `token` no longer holds a pending claim on the key (taken
+        over, released, or done): nothing changed.
+        """
+
+    async def read_key(self, owner: str, key: str) -> IdempotencyEntry | None:
+        """The entry of an Idempotency-Key, or None when nobody holds it."""
+
+    async def release_key(self, owner: str, key: str, token: str) -> None:
+        """Drops the pending claim `token` (its request failed), so a retry can run.
+
+        A claim taken over by another request since is left alone.
+        """
 
     async def purge_expired_keys(self, now: datetime) -> int: ...
 
@@ -92,7 +108,7 @@ class StoryRepository(Protocol):
 C = TypeVar("C", bound=type)
 
 
-def _storage_errors(*outages: type[BaseException]) -> Callable[[C], C]:
+def storage_errors(*outages: type[BaseException]) -> Callable[[C], C]:
     """Class decorator: bounds every public coroutine method by the instance's
     `operation_timeout` and turns outage errors into StorageUnavailableError.
 
@@ -129,30 +145,45 @@ def _storage_errors(*outages: type[BaseException]) -> Callable[[C], C]:
     return decorate
 
 
-_COLUMNS = (
+STORY_COLUMNS = (
     "id, owner, title, paragraphs, prompt, age, length, language, provider, model, "
     "degraded, illustration_url, prompt_tokens, completion_tokens, generation_ms, created_at, "
-    "illustrate"
+    "illustrate, moderated_locally"
 )
-_ENTRY_COLUMNS = "fingerprint, state, story_id, locked_until"
+ENTRY_COLUMNS = "fingerprint, state, story_id, locked_until"
 
-# Each store fills in its own placeholders ($1 or ?) for p1..p6.
-_CLAIM_SQL = """
+# Each store fills in its own placeholders ($1 or ?1) for p1..p7.
+CLAIM_SQL = """
 INSERT INTO idempotency_keys AS k
-    (owner, key, fingerprint, state, story_id, locked_until, created_at, expires_at)
-VALUES ({p1}, {p2}, {p3}, 'pending', NULL, {p4}, {p5}, {p6})
+    (owner, key, fingerprint, state, story_id, claim_token, locked_until, created_at, expires_at)
+VALUES ({p1}, {p2}, {p3}, 'pending', NULL, {p4}, {p5}, {p6}, {p7})
 ON CONFLICT (owner, key) DO UPDATE SET
     fingerprint = excluded.fingerprint, state = 'pending', story_id = NULL,
-    locked_until = excluded.locked_until, created_at = excluded.created_at,
-    expires_at = excluded.expires_at
+    claim_token = excluded.claim_token, locked_until = excluded.locked_until,
+    created_at = excluded.created_at, expires_at = excluded.expires_at
 WHERE k.expires_at < excluded.created_at
    OR (k.state = 'pending' AND k.locked_until < excluded.created_at
        AND k.fingerprint = excluded.fingerprint)
 RETURNING owner
 """
 
+# The statements below act only on the pending claim of one token (p1 owner,
+# p2 key, p3 token): a request whose claim was taken over changes nothing.
+RENEW_SQL = (
+    "UPDATE idempotency_keys SET locked_until = {p4} "
+    "WHERE owner = {p1} AND key = {p2} AND claim_token = {p3} AND state = 'pending'"
+)
+RELEASE_SQL = (
+    "DELETE FROM idempotency_keys "
+    "WHERE owner = {p1} AND key = {p2} AND claim_token = {p3} AND state = 'pending'"
+)
+DONE_SQL = (
+    "UPDATE idempotency_keys SET state = 'done', story_id = {p4} "
+    "WHERE owner = {p1} AND key = {p2} AND claim_token = {p3} AND state = 'pending'"
+)
 
-async def _claim_or_read(
+
+async def claim_or_read(
     claim: Callable[[], Awaitable[bool]],
     read: Callable[[], Awaitable[IdempotencyEntry | None]],
 ) -> IdempotencyEntry | None:
@@ -171,7 +202,7 @@ async def _claim_or_read(
             return entry
 
 
-def _page(rows: Sequence[StoryRecord], limit: int) -> StoryPage:
+def page_of(rows: Sequence[StoryRecord], limit: int) -> StoryPage:
     items = tuple(rows[:limit])
     has_more = len(rows) > limit
     cursor = PageCursor(items[-1].created_at, items[-1].id) if has_more and items else None

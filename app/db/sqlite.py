@@ -19,18 +19,25 @@ from uuid import UUID
 import aiosqlite
 
 from app.db.repository import (
-    _CLAIM_SQL,
-    _COLUMNS,
-    _ENTRY_COLUMNS,
+    CLAIM_SQL,
+    DONE_SQL,
+    ENTRY_COLUMNS,
+    RELEASE_SQL,
+    RENEW_SQL,
+    STORY_COLUMNS,
     ClaimLostError,
-    _claim_or_read,
-    _page,
-    _storage_errors,
+    claim_or_read,
     migration_files,
+    page_of,
+    storage_errors,
 )
 from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
 
-_CLAIM = _CLAIM_SQL.format(p1="?", p2="?", p3="?", p4="?", p5="?", p6="?")
+_PLACEHOLDERS = {f"p{n}": f"?{n}" for n in range(1, 8)}  # numbered: used out of order
+_CLAIM = CLAIM_SQL.format(**_PLACEHOLDERS)
+_RENEW = RENEW_SQL.format(**_PLACEHOLDERS)
+_RELEASE = RELEASE_SQL.format(**_PLACEHOLDERS)
+_DONE = DONE_SQL.format(**_PLACEHOLDERS)
 
 
 def _iso(when: datetime) -> str:
@@ -56,10 +63,13 @@ def _record_from_sqlite(row: Any) -> StoryRecord:
         generation_ms=row["generation_ms"],
         created_at=datetime.fromisoformat(row["created_at"]),
         illustrate=bool(row["illustrate"]),
+        moderated_locally=(
+            None if row["moderated_locally"] is None else bool(row["moderated_locally"])
+        ),
     )
 
 
-@_storage_errors(sqlite3.OperationalError)
+@storage_errors(sqlite3.OperationalError)
 class SqliteStoryRepository:
     """The embedded default: one WAL-mode SQLite file, one connection, no server."""
 
@@ -93,13 +103,22 @@ class SqliteStoryRepository:
         for version, sql in migration_files(self.backend):
             if version in done:
                 continue
-            await self._conn.executescript(sql)
-            await self._conn.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                (version, _iso(datetime.now(UTC))),
-            )
+            # One transaction per migration, with the row recording it: SQLite
+            # has no ADD COLUMN IF NOT EXISTS, so a migration must never be left
+            # applied but unrecorded (the next start would fail on it).
+            # executescript commits what is pending, then runs the script as
+            # given, which opens the transaction; the commit below ends it.
+            try:
+                await self._conn.executescript(f"BEGIN IMMEDIATE;\n{sql}")
+                await self._conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, _iso(datetime.now(UTC))),
+                )
+                await self._conn.commit()
+            except BaseException:
+                await self._conn.rollback()
+                raise
             applied.append(version)
-        await self._conn.commit()
         return applied
 
     async def applied_migrations(self) -> list[str]:
@@ -113,21 +132,14 @@ class SqliteStoryRepository:
         story: StoryRecord,
         *,
         idempotency_key: str | None = None,
-        claimed_until: datetime | None = None,
+        claim_token: str | None = None,
     ) -> None:
         async with self._write_lock:
             try:
                 await self._insert(story)
                 if idempotency_key is not None:
                     cursor = await self._conn.execute(
-                        "UPDATE idempotency_keys SET state = 'done', story_id = ? "
-                        "WHERE owner = ? AND key = ? AND state = 'pending' AND locked_until = ?",
-                        (
-                            str(story.id),
-                            story.owner,
-                            idempotency_key,
-                            _iso(claimed_until) if claimed_until else None,
-                        ),
+                        _DONE, (story.owner, idempotency_key, claim_token, str(story.id))
                     )
                     if cursor.rowcount != 1:
                         raise ClaimLostError(idempotency_key)
@@ -142,25 +154,34 @@ class SqliteStoryRepository:
         key: str,
         fingerprint: str,
         *,
+        token: str,
         now: datetime,
         locked_until: datetime,
         expires_at: datetime,
     ) -> IdempotencyEntry | None:
+        params = (owner, key, fingerprint, token, _iso(locked_until), _iso(now), _iso(expires_at))
+
         async def claim() -> bool:
             async with self._write_lock:
-                async with self._conn.execute(
-                    _CLAIM,
-                    (owner, key, fingerprint, _iso(locked_until), _iso(now), _iso(expires_at)),
-                ) as cursor:
+                async with self._conn.execute(_CLAIM, params) as cursor:
                     claimed = await cursor.fetchone()
                 await self._conn.commit()
             return claimed is not None
 
-        return await _claim_or_read(claim, lambda: self._read_entry(owner, key))
+        return await claim_or_read(claim, lambda: self._read_entry(owner, key))
+
+    async def renew_key(self, owner: str, key: str, token: str, *, locked_until: datetime) -> bool:
+        async with self._write_lock:
+            cursor = await self._conn.execute(_RENEW, (owner, key, token, _iso(locked_until)))
+            await self._conn.commit()
+        return bool(cursor.rowcount == 1)
+
+    async def read_key(self, owner: str, key: str) -> IdempotencyEntry | None:
+        return await self._read_entry(owner, key)
 
     async def _read_entry(self, owner: str, key: str) -> IdempotencyEntry | None:
         async with self._conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
+            f"SELECT {ENTRY_COLUMNS} FROM idempotency_keys "  # noqa: S608
             "WHERE owner = ? AND key = ?",
             (owner, key),
         ) as cursor:
@@ -174,12 +195,9 @@ class SqliteStoryRepository:
             locked_until=datetime.fromisoformat(row["locked_until"]),
         )
 
-    async def release_key(self, owner: str, key: str) -> None:
+    async def release_key(self, owner: str, key: str, token: str) -> None:
         async with self._write_lock:
-            await self._conn.execute(
-                "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND state = 'pending'",
-                (owner, key),
-            )
+            await self._conn.execute(_RELEASE, (owner, key, token))
             await self._conn.commit()
 
     async def purge_expired_keys(self, now: datetime) -> int:
@@ -192,8 +210,8 @@ class SqliteStoryRepository:
 
     async def _insert(self, story: StoryRecord) -> None:
         await self._conn.execute(
-            f"INSERT INTO stories ({_COLUMNS}) VALUES "  # noqa: S608 - constant column list
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO stories ({STORY_COLUMNS}) VALUES "  # noqa: S608 - constant column list
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(story.id),
                 story.owner,
@@ -212,12 +230,13 @@ class SqliteStoryRepository:
                 story.generation_ms,
                 _iso(story.created_at),
                 int(story.illustrate),
+                None if story.moderated_locally is None else int(story.moderated_locally),
             ),
         )
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
         async with self._conn.execute(
-            f"SELECT {_COLUMNS} FROM stories WHERE id = ? AND owner = ?",  # noqa: S608
+            f"SELECT {STORY_COLUMNS} FROM stories WHERE id = ? AND owner = ?",  # noqa: S608
             (str(story_id), owner),
         ) as cursor:
             row = await cursor.fetchone()
@@ -226,13 +245,13 @@ class SqliteStoryRepository:
     async def list_page(self, owner: str, limit: int, after: PageCursor | None = None) -> StoryPage:
         if after is None:
             query = (
-                f"SELECT {_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
+                f"SELECT {STORY_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
                 "ORDER BY created_at DESC, id DESC LIMIT ?"
             )
             params: tuple[Any, ...] = (owner, limit + 1)
         else:
             query = (
-                f"SELECT {_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
+                f"SELECT {STORY_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
                 "AND (created_at < ? OR (created_at = ? AND id < ?)) "
                 "ORDER BY created_at DESC, id DESC LIMIT ?"
             )
@@ -240,11 +259,11 @@ class SqliteStoryRepository:
             params = (owner, when, when, str(after.id), limit + 1)
         async with self._conn.execute(query, params) as cursor:
             rows = await cursor.fetchall()
-        return _page([_record_from_sqlite(r) for r in rows], limit)
+        return page_of([_record_from_sqlite(r) for r in rows], limit)
 
     async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
         async with self._conn.execute(
-            f"SELECT {_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
+            f"SELECT {STORY_COLUMNS} FROM stories WHERE owner = ? "  # noqa: S608
             "AND age BETWEEN ? AND ? "
             "ORDER BY degraded ASC, abs(age - ?) ASC, created_at DESC LIMIT ?",
             (owner, age - 1, age + 1, age, limit),

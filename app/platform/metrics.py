@@ -41,6 +41,7 @@ __all__ = [
     "record_dependency_error",
     "record_fallback",
     "record_maintenance",
+    "record_moderation",
     "record_rate_limit_storage",
     "record_rate_limited",
     "record_story_served",
@@ -111,6 +112,12 @@ CACHE = Counter(
     "story_cache_requests_total",
     "Story cache lookups, by result (hit, miss, error).",
     ["result"],
+)
+MODERATION = Counter(
+    "story_moderation_total",
+    "Content checks, by what was checked (prompt, story), the verdict (passed, flagged,"
+    " unavailable) and who checked it (openai, local, none).",
+    ["where", "verdict", "checker"],
 )
 
 # --- resilience -------------------------------------------------------------------------
@@ -230,6 +237,11 @@ def record_fallback(rung: str) -> None:
 def record_cache(result: str) -> None:
     """A story cache lookup: `hit`, `miss` or `error`."""
     CACHE.labels(result).inc()
+
+
+def record_moderation(where: str, verdict: str, checker: str) -> None:
+    """A content check of a prompt or a story (`app.services.moderation`)."""
+    MODERATION.labels(where, verdict, checker).inc()
 
 
 def record_dependency_error(dependency: str, operation: str) -> None:

@@ -110,6 +110,16 @@ class GeneratedStory:
     provider: str
     model: str
     usage: Usage = field(default_factory=Usage)
+    # How the content was checked (set by the story service, `app.services.moderation`):
+    # the prompt by "openai" or "local"; the text by "openai", "local", "cache" (checked
+    # when first written) or "templates" (the offline storyteller's fixed text).
+    prompt_checked_by: str = ""
+    text_checked_by: str = ""
+
+    @property
+    def checked_locally(self) -> bool:
+        """The local word list, not OpenAI's moderation, passed the prompt or the text."""
+        return "local" in (self.prompt_checked_by, self.text_checked_by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +127,23 @@ class Illustration:
     url: str
     provider: str
     model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationVerdict:
+    """What a content check said about one text."""
+
+    flagged: bool
+    checker: str  # "openai" or "local"
+    categories: tuple[str, ...] = ()
+
+
+class ContentModerator(Protocol):
+    """Checks a text for content unfit for children. Raises ProviderError when it cannot."""
+
+    name: str
+
+    async def moderate(self, text: str) -> ModerationVerdict: ...
 
 
 class StoryProvider(Protocol):

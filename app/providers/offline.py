@@ -1,7 +1,12 @@
 """The offline storyteller: the last rung of the degradation ladder.
 
 It needs no network, no key and no model: it assembles a story from bundled
-templates around the child's prompt, so the service always has an answer. Its
+templates around the child's prompt, so the service always has an answer. The
+caller's words go into the story only when the prompt passed a content check
+(`use_prompt`, see `app.services.moderation`); otherwise the story is about a
+fixed, gentle topic of the language. The templates themselves are fixed text
+written for small children (and checked against the local word lists by the
+tests), so an offline story needs no check of its own. Its
 stories are honest about what they are (`provider: "offline"`, `degraded:
 true`). The same request gives the same story (the choice of template is seeded
 by the request), which keeps repeated requests from a retrying phone consistent.
@@ -28,6 +33,8 @@ class _Templates:
     opening: tuple[str, ...]
     middle: tuple[str, ...]
     closing: tuple[str, ...]
+    # The topic when the caller's words may not be used (fits every template's grammar).
+    quiet_topic: str = "the stars"
 
 
 _EN = _Templates(
@@ -59,6 +66,7 @@ _EN = _Templates(
 )
 
 _ES = _Templates(
+    quiet_topic="las estrellas",
     title=("{hero} y {topic}", "Una pequeña historia sobre {topic}"),
     heroes=("Mila la zorrita", "Tomás la tortuga", "Pipo el gorrión", "Luna la gatita"),
     places=("un valle tranquilo", "una casa junto al mar", "el borde de un bosque dormido"),
@@ -84,6 +92,7 @@ _ES = _Templates(
 )
 
 _FR = _Templates(
+    quiet_topic="la lune",
     title=("{hero} et {topic}", "Une petite histoire de {topic}"),
     heroes=("Mila la renarde", "Tomas la tortue", "Pip le moineau", "Luna la chatonne"),
     places=("une vallée tranquille", "une maison au bord de la mer", "l'orée d'une forêt"),
@@ -107,6 +116,7 @@ _FR = _Templates(
 )
 
 _DE = _Templates(
+    quiet_topic="Sternschnuppen",
     title=("{hero} und {topic}", "Eine kleine Geschichte über {topic}"),
     heroes=("Mila die Füchsin", "Tomas die Schildkröte", "Pip der Spatz", "Luna das Kätzchen"),
     places=("einem stillen Tal", "einem Haus am Meer", "dem Rand eines schläfrigen Waldes"),
@@ -130,6 +140,7 @@ _DE = _Templates(
 )
 
 _IT = _Templates(
+    quiet_topic="Stellina",
     title=("{hero} e {topic}", "Una piccola storia su {topic}"),
     heroes=("Mila la volpe", "Tommaso la tartaruga", "Pip il passerotto", "Luna la gattina"),
     places=("una valle tranquilla", "una casa vicino al mare", "il limitare di un bosco"),
@@ -153,6 +164,7 @@ _IT = _Templates(
 )
 
 _PT = _Templates(
+    quiet_topic="Estrelinha",
     title=("{hero} e {topic}", "Uma pequena história sobre {topic}"),
     heroes=("Mila a raposinha", "Tomás a tartaruga", "Pip o pardal", "Luna a gatinha"),
     places=("um vale tranquilo", "uma casa perto do mar", "a beira de uma floresta"),
@@ -176,6 +188,7 @@ _PT = _Templates(
 )
 
 _NL = _Templates(
+    quiet_topic="de sterren",
     title=("{hero} en {topic}", "Een klein verhaal over {topic}"),
     heroes=("Mila de vos", "Tomas de schildpad", "Pip de mus", "Luna het katje"),
     places=("een stille vallei", "een huis aan zee", "de rand van een slaperig bos"),
@@ -232,7 +245,9 @@ class OfflineStoryProvider:
     name = NAME
     model = MODEL
 
-    def compose(self, request: StoryRequest) -> GeneratedStory:
+    def compose(self, request: StoryRequest, *, use_prompt: bool = True) -> GeneratedStory:
+        """The story for `request`; about the caller's prompt only with `use_prompt`
+        (pass False unless the prompt passed a content check)."""
         # A tag whose language has no templates (or an unknown one) gets English.
         templates = _BY_LANGUAGE.get(base_language(request.language), _EN)
         seed = hashlib.sha256(
@@ -240,7 +255,7 @@ class OfflineStoryProvider:
         ).digest()
         rng = random.Random(seed)
         words = {
-            "topic": _topic(request.prompt),
+            "topic": _topic(request.prompt) if use_prompt else templates.quiet_topic,
             "hero": rng.choice(templates.heroes),
             "place": rng.choice(templates.places),
         }

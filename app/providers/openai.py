@@ -88,6 +88,30 @@ def map_openai_error(error: openai.OpenAIError) -> ProviderError:
     return ProviderResponseError(NAME, f"unusable reply: {error}")
 
 
+def openai_client(settings: OpenAISettings) -> AsyncOpenAI:
+    """An SDK client of its own: its retries off (ours are the only ones), the
+    configured timeouts, and a pool of `OPENAI_MAX_CONNECTIONS` connections."""
+    assert settings.api_key is not None
+    client = AsyncOpenAI(
+        api_key=settings.api_key.get_secret_value(),
+        base_url=str(settings.base_url),
+        max_retries=0,
+        timeout=openai.Timeout(
+            settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
+        ),
+        # DefaultAioHttpClient takes httpx2.AsyncClient's arguments (httpx2 is the
+        # SDK's HTTP library, declared in pyproject.toml); the aiohttp transport
+        # takes its connector's connection limit from `limits.max_connections`.
+        http_client=openai.DefaultAioHttpClient(
+            limits=httpx2.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+            )
+        ),
+    )
+    return client
+
+
 class OpenAIStoryProvider:
     name = NAME
 
@@ -97,25 +121,7 @@ class OpenAIStoryProvider:
 
     @classmethod
     def from_settings(cls, settings: OpenAISettings) -> OpenAIStoryProvider:
-        assert settings.api_key is not None
-        client = AsyncOpenAI(
-            api_key=settings.api_key.get_secret_value(),
-            base_url=str(settings.base_url),
-            max_retries=0,
-            timeout=openai.Timeout(
-                settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
-            ),
-            # DefaultAioHttpClient takes httpx2.AsyncClient's arguments (httpx2 is the
-            # SDK's HTTP library, declared in pyproject.toml); the aiohttp transport
-            # takes its connector's connection limit from `limits.max_connections`.
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(
-                    max_connections=settings.max_connections,
-                    max_keepalive_connections=settings.max_connections,
-                )
-            ),
-        )
-        return cls(client, settings.model)
+        return cls(openai_client(settings), settings.model)
 
     async def generate(self, request: StoryRequest) -> GeneratedStory:
         try:

@@ -1,8 +1,10 @@
 """Builds the providers that have keys, each wrapped in its resilience guard.
 
-One breaker per upstream operation (`openai:chat`, `replicate:text`,
-`replicate:image`), one bulkhead per upstream (`openai`, `replicate`), one retry
-budget shared by all. Breaker state lives in Redis when it is configured (with
+One breaker per upstream operation (`openai:chat`, `openai:moderation`,
+`replicate:text`, `replicate:image`), one bulkhead per upstream (`openai`,
+`replicate`), one retry budget shared by all. OpenAI's moderation endpoint (the
+content check, `MODERATION_MODE=openai`) shares OpenAI's bulkhead and retry
+policy and has a breaker of its own. Breaker state lives in Redis when it is configured (with
 an in-process fallback within the Redis budget), in-process otherwise.
 """
 
@@ -28,7 +30,8 @@ from app.core.resilience.stores import (
 )
 from app.platform.config import BREAKER_NAMES, Settings
 from app.platform.redis import RedisGate
-from app.providers.base import IllustrationProvider, StoryProvider
+from app.providers.base import ContentModerator, IllustrationProvider, StoryProvider
+from app.providers.moderation import OpenAIModerator, ResilientModerator
 from app.providers.openai import OpenAIStoryProvider
 from app.providers.replicate import (
     ReplicateIllustrator,
@@ -51,6 +54,8 @@ class Upstreams:
     illustrator: IllustrationProvider | None
     breakers: dict[str, CircuitBreaker]
     breaker_store: BreakerStore
+    # OpenAI's moderation endpoint behind its guard; None without a key or in local mode.
+    moderator: ContentModerator | None = None
 
 
 def breaker_store_for(
@@ -111,7 +116,7 @@ async def build_upstreams(
         observer=observer,
     )
 
-    def guard(provider: str, operation: str) -> Guard:
+    def guard(provider: str, operation: str, floor_seconds: float = 0.0) -> Guard:
         return Guard(
             provider=provider,
             operation=operation,
@@ -119,14 +124,26 @@ async def build_upstreams(
             bulkhead=bulkheads[provider],
             policy=policy,
             record=record_call,
+            floor_seconds=floor_seconds,
         )
 
     story_providers: list[StoryProvider] = []
     illustrator: IllustrationProvider | None = None
+    moderator: ContentModerator | None = None
+    if settings.openai.configured and settings.moderation.mode == "openai":
+        remote = OpenAIModerator.from_settings(settings.openai, settings.moderation.model)
+        stack.push_async_callback(remote.close)
+        moderator = ResilientModerator(
+            remote, guard("openai", "moderation", settings.moderation.floor_seconds)
+        )
     if settings.openai.configured:
         openai_provider = OpenAIStoryProvider.from_settings(settings.openai)
         stack.push_async_callback(openai_provider.close)
-        story_providers.append(ResilientStoryProvider(openai_provider, guard("openai", "chat")))
+        story_providers.append(
+            ResilientStoryProvider(
+                openai_provider, guard("openai", "chat", settings.openai.floor_seconds)
+            )
+        )
     if settings.replicate.configured:
         rs = settings.replicate
         client, transport = build_client(rs)
@@ -143,7 +160,8 @@ async def build_upstreams(
 
         story_providers.append(
             ResilientStoryProvider(
-                ReplicateStoryProvider(predictions(rs.text_model)), guard("replicate", "text")
+                ReplicateStoryProvider(predictions(rs.text_model)),
+                guard("replicate", "text", rs.floor_seconds),
             )
         )
         illustrator = ResilientIllustrator(
@@ -154,4 +172,5 @@ async def build_upstreams(
         illustrator=illustrator,
         breakers=breakers,
         breaker_store=store,
+        moderator=moderator,
     )

@@ -2,17 +2,20 @@
 
 Each upstream call goes through, outermost first:
 
-    deadline (the request's, from `deadline_scope`)
-      -> retry policy (full jitter, Retry-After, retry budget; stops at the deadline)
-        -> bulkhead (per upstream: bounded concurrency, bounded wait)
-          -> circuit breaker (per upstream and operation; shared state in Redis)
+    retry policy (full jitter, Retry-After, retry budget; never sleeps past the
+                  deadline, and stops once the circuit breaker has opened)
+      -> bulkhead (per upstream: bounded concurrency, bounded wait)
+        -> circuit breaker (per upstream and operation; shared state in Redis)
+          -> the attempt, cut at the deadline (the rung's, from `deadline_scope`)
             -> the SDK call (its own retries off)
 
 Retries sit outside the bulkhead and the breaker (a deviation from the guide's
 drawing, on purpose): a retry that is sleeping holds no concurrency slot, every
 attempt is counted by the breaker, and once the breaker opens the next attempt is
-refused at once (`CircuitOpenError` is not retryable), so retries stop exactly
-when the breaker opens.
+refused at once (`CircuitOpenError` is not retryable). An attempt cut at the
+deadline after at least `floor_seconds` is a `ProviderTimeoutError`, a failure
+the breaker counts: an upstream that hangs is opened like one that fails. One
+cut sooner is no verdict on the upstream (the request simply had no time left).
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from app.core.resilience import (
+    BreakerState,
     Bulkhead,
     CircuitBreaker,
+    CircuitOpenError,
+    DeadlineExceededError,
     ResilienceError,
     RetryPolicy,
+    current_deadline,
     run_within,
 )
 from app.providers.base import (
@@ -34,6 +41,7 @@ from app.providers.base import (
     IllustrationProvider,
     ProviderError,
     ProviderResponseError,
+    ProviderTimeoutError,
     StoryProvider,
     StoryRequest,
 )
@@ -52,7 +60,7 @@ def ignore_call(provider: str, operation: str, outcome: str, seconds: float) -> 
 
 
 class Guard:
-    """Deadline, retries, bulkhead and breaker around calls to one upstream operation."""
+    """Retries, bulkhead, breaker and the deadline around calls to one upstream operation."""
 
     def __init__(
         self,
@@ -63,28 +71,49 @@ class Guard:
         bulkhead: Bulkhead,
         policy: RetryPolicy,
         record: UpstreamCallRecorder = ignore_call,
+        floor_seconds: float = 0.0,
     ) -> None:
         self.provider = provider
         self.operation = operation
         self.breaker = breaker
         self.bulkhead = bulkhead
         self.policy = policy
+        self.floor_seconds = floor_seconds
         self._record = record
 
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
         async def attempt() -> T:
             async with self.bulkhead:
-                return await self.breaker.call(self._timed, call)
+                return await self.breaker.call(self._attempt, call)
 
-        return await run_within(None, lambda: self.policy.run(attempt, name=self.breaker.name))
+        return await self.policy.run(attempt, name=self.breaker.name, proceed=self._breaker_closed)
 
-    async def _timed(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _breaker_closed(self) -> bool:
+        """Raises `CircuitOpenError` once the breaker is open (this attempt, or another
+        process, opened it): the next attempt would be refused, so no backoff is
+        slept for it, and the caller learns when the upstream may be tried again."""
+        snapshot = await self.breaker.snapshot()
+        if snapshot.state is BreakerState.OPEN:
+            raise CircuitOpenError(self.breaker.name, snapshot.opened_until_seconds_from_now or 0.0)
+        return True
+
+    async def _attempt(self, call: Callable[[], Awaitable[T]]) -> T:
+        deadline = current_deadline()
+        budget = deadline.remaining() if deadline is not None else None
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await call()
+            result = await run_within(deadline, call)
             outcome = "success"
             return result
+        except DeadlineExceededError as error:
+            if budget is None or budget < self.floor_seconds:
+                outcome = type(error).__name__
+                raise
+            outcome = ProviderTimeoutError.__name__
+            raise ProviderTimeoutError(
+                self.provider, f"no answer within {budget:.2f} s", safe_to_repeat=False
+            ) from error
         except (ProviderError, ResilienceError) as error:
             outcome = type(error).__name__
             raise

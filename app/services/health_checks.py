@@ -10,6 +10,7 @@ provider, and nothing here knows about HTTP.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,8 +85,29 @@ class Outcome:
     error: str | None = None
 
 
+# Where a dependency lives is not the caller's business: driver errors name it
+# ("Error 111 connecting to redis-0.internal:6379", "('10.0.0.5', 5432)"), and
+# /health is readable by whoever reaches the port. Most specific pattern first.
+_ADDRESSES = (
+    re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S+"),  # a URL (with its credentials, if any)
+    re.compile(r"\(\s*'[^']*'\s*,\s*\d+(?:\s*,\s*\d+)*\s*\)"),  # a socket address tuple
+    re.compile(r"\b(?:host(?: name)?|server(?: at)?|address) \"[^\"]*\""),  # host "db-0"
+    re.compile(r"(?<![\w.:-])(?:\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):\d{1,5}\b"),
+    re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b"),  # IPv4
+    re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])"),  # IPv6
+)
+REDACTED = "<address>"
+
+
+def redact_addresses(text: str) -> str:
+    """`text` with host names, addresses, ports and URLs replaced by `<address>`."""
+    for pattern in _ADDRESSES:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
 def _describe(error: BaseException) -> str:
-    text = str(error)
+    text = redact_addresses(str(error))
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -213,7 +235,8 @@ def rate_limiter_check(counters: FailoverCounters) -> Check:
             "component",
             WARN,
             "in-process",
-            output=f"Redis unavailable ({counters.last_error}): limits count per process",
+            output=f"Redis unavailable ({redact_addresses(str(counters.last_error))}): "
+            "limits count per process",
         )
     where = "redis" if counters.shared else "in-process"
     return Check("rateLimiter:storage", "component", PASS, where)

@@ -4,37 +4,36 @@ The degradation ladder lives here: each configured provider is tried in order
 (OpenAI, then the Replicate text model), then a cached story for the same
 request, then the offline storyteller. The story records which rung served it
 (`provider`) and whether that was a fallback (`degraded`). An illustration that
-fails is dropped; it never costs the child the story.
+fails is dropped; it never costs the child the story. A request with an
+`Idempotency-Key` runs through `app.services.idempotency`, so a repeat never
+writes (or pays for) a second story.
 
-Idempotency: a request carrying an `Idempotency-Key` first claims the key in the
-database (atomic across workers and replicas). The story is stored and the key
-marked done in one transaction, so a repeat gets the first story and no
-upstream is called twice. A repeat that arrives while the first request still
-runs waits for it (up to `IDEMPOTENCY_WAIT_SECONDS`, within its own deadline),
-then gets 409 with `Retry-After`. The same key with another body is a 422.
+Child-safe content (`app.services.moderation`): the prompt is checked before
+any rung runs (a flagged one is a 422 and no model sees it); each upstream
+story is checked before it is cached, stored or returned (a flagged one is
+dropped and the next rung serves). The cache holds only stories that passed;
+the offline storyteller uses the caller's words only when the prompt passed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from uuid import UUID
 
-from app.core.resilience import ResilienceError, deadline_scope, graceful_degradation
-from app.db.repository import ClaimLostError, StoryRepository
-from app.errors import (
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    ServiceUnavailableError,
+from app.core.resilience import (
+    DeadlineExceededError,
+    ResilienceError,
+    current_deadline,
+    deadline_scope,
+    graceful_degradation,
 )
+from app.db.repository import StoryRepository
+from app.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from app.models import PageCursor, StoryPage, StoryRecord
 from app.providers.base import (
     GeneratedStory,
@@ -45,36 +44,16 @@ from app.providers.base import (
 )
 from app.providers.offline import OfflineStoryProvider
 from app.services.cache import StoryCache
+from app.services.idempotency import (
+    CreatedStory,
+    IdempotencyKeys,
+    IdempotencyPolicy,
+    request_fingerprint,
+)
+from app.services.ladder import LadderBudget
+from app.services.moderation import ContentCheck, ModerationService
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyPolicy:
-    # A pending claim older than this is taken to belong to a dead worker.
-    lock_seconds: float = 60.0
-    # Keys are remembered at least this long.
-    ttl_seconds: float = 24 * 3600.0
-    # How long a repeat waits for the first request before 409.
-    wait_seconds: float = 10.0
-    poll_seconds: float = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedStory:
-    story: StoryRecord
-    replayed: bool  # True when an earlier request with the same key made it
-
-
-def request_fingerprint(request: StoryRequest, illustrate: bool) -> str:
-    body = {
-        "prompt": request.prompt,
-        "age": request.age,
-        "length": request.length,
-        "language": request.language,
-        "illustrate": illustrate,
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _no_stories() -> list[StoryRecord]:
@@ -102,6 +81,8 @@ class StoryService:
         cache: StoryCache | None = None,
         idempotency: IdempotencyPolicy | None = None,
         deadline_seconds: float = 30.0,
+        budget: LadderBudget | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
         self._deadline_seconds = deadline_seconds
         self._repository = repository
@@ -109,7 +90,10 @@ class StoryService:
         self._offline = offline
         self._illustrator = illustrator
         self._cache = cache
-        self._idempotency = idempotency or IdempotencyPolicy()
+        self._keys = IdempotencyKeys(repository, idempotency or IdempotencyPolicy())
+        self._budget = budget or LadderBudget()
+        # Without one given, the local word list checks (never no check at all).
+        self._moderation = moderation or ModerationService(budget=self._budget)
 
     @property
     def provider_names(self) -> list[str]:
@@ -130,88 +114,15 @@ class StoryService:
             if idempotency_key is None:
                 story = await self._create_new(owner, request, illustrate, None, None)
                 return CreatedStory(story, False)
-            return await self._create_once(
-                owner, request, illustrate, idempotency_key, deadline.remaining()
-            )
-
-    async def _create_once(
-        self,
-        owner: str,
-        request: StoryRequest,
-        illustrate: bool,
-        idempotency_key: str,
-        time_left: float,
-    ) -> CreatedStory:
-        policy = self._idempotency
-        fingerprint = request_fingerprint(request, illustrate)
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + min(policy.wait_seconds, time_left)
-        while True:
-            now = datetime.now(UTC)
-            locked_until = now + timedelta(seconds=policy.lock_seconds)
-            entry = await self._repository.claim_key(
+            return await self._keys.create_once(
                 owner,
                 idempotency_key,
-                fingerprint,
-                now=now,
-                locked_until=locked_until,
-                expires_at=now + timedelta(seconds=policy.ttl_seconds),
+                request_fingerprint(request, illustrate),
+                time_left=deadline.remaining(),
+                create=lambda claim_token: self._create_new(
+                    owner, request, illustrate, idempotency_key, claim_token
+                ),
             )
-            if entry is None:
-                story = await self._create_claimed(
-                    owner, request, illustrate, idempotency_key, locked_until
-                )
-                return CreatedStory(story, False)
-            if entry.fingerprint != fingerprint:
-                raise InvalidRequestError(
-                    "This Idempotency-Key was used with a different request body.",
-                    errors=[
-                        {
-                            "field": "Idempotency-Key",
-                            "reason": "already used with a different request body",
-                        }
-                    ],
-                )
-            if entry.state == "done" and entry.story_id is not None:
-                first = await self._repository.get(entry.story_id, owner)
-                if first is not None:
-                    return CreatedStory(first, True)
-            if loop.time() >= give_up_at:
-                raise ConflictError(
-                    "A request with this Idempotency-Key is still being processed; "
-                    "repeat it shortly to get its result.",
-                    headers={"Retry-After": "1"},
-                )
-            await asyncio.sleep(policy.poll_seconds)
-
-    async def _create_claimed(
-        self,
-        owner: str,
-        request: StoryRequest,
-        illustrate: bool,
-        key: str,
-        claimed_until: datetime,
-    ) -> StoryRecord:
-        try:
-            return await self._create_new(owner, request, illustrate, key, claimed_until)
-        except ClaimLostError:
-            # This request outlived its claim and another took the key over: that
-            # one's story is the answer; the repeat will get it.
-            raise ConflictError(
-                "A newer request with this Idempotency-Key took over; repeat to get its result.",
-                headers={"Retry-After": "1"},
-            ) from None
-        except BaseException:
-            # Free the key so the phone's retry can run; shielded, because a
-            # cancelled request must still release what it holds.
-            await asyncio.shield(self._release_quietly(owner, key))
-            raise
-
-    async def _release_quietly(self, owner: str, key: str) -> None:
-        try:
-            await self._repository.release_key(owner, key)
-        except Exception:
-            logger.warning("could not release idempotency key; it expires", exc_info=True)
 
     async def _create_new(
         self,
@@ -219,7 +130,7 @@ class StoryService:
         request: StoryRequest,
         illustrate: bool,
         idempotency_key: str | None,
-        claimed_until: datetime | None,
+        claim_token: str | None,
     ) -> StoryRecord:
         started = time.perf_counter()
         story, degraded = await self._write(request)
@@ -240,25 +151,40 @@ class StoryService:
             degraded=degraded,
             illustration_url=illustration_url,
             illustrate=illustrate,
+            moderated_locally=story.checked_locally,
             prompt_tokens=story.usage.prompt_tokens,
             completion_tokens=story.usage.completion_tokens,
             generation_ms=round((time.perf_counter() - started) * 1000),
             created_at=datetime.now(UTC),
         )
-        await self._repository.add(
-            record, idempotency_key=idempotency_key, claimed_until=claimed_until
-        )
+        await self._repository.add(record, idempotency_key=idempotency_key, claim_token=claim_token)
         logger.info(
             "story created",
-            extra={"story_id": str(record.id), "provider": record.provider, "degraded": degraded},
+            extra={
+                "story_id": str(record.id),
+                "provider": record.provider,
+                "degraded": degraded,
+                "prompt_checked_by": story.prompt_checked_by,
+                "text_checked_by": story.text_checked_by,
+                "checked_locally": story.checked_locally,
+            },
         )
         return record
 
     async def _write(self, request: StoryRequest) -> tuple[GeneratedStory, bool]:
+        prompt_check = await self._moderation.check_prompt(request)  # raises unless passed
+        story, degraded = await self._ladder(request, prompt_check)
+        return replace(story, prompt_checked_by=prompt_check.checker), degraded
+
+    async def _ladder(
+        self, request: StoryRequest, prompt_check: ContentCheck
+    ) -> tuple[GeneratedStory, bool]:
         failures: list[Exception] = []
+        unsuitable = 0  # upstream stories the content check dropped
+        names = [provider.name for provider in self._providers]
         for rung, provider in enumerate(self._providers):
             try:
-                story = await provider.generate(request)
+                story = await self._upstream_rung(names, rung, provider, request)
             except (ProviderError, ResilienceError) as error:
                 failures.append(error)
                 logger.warning(
@@ -269,23 +195,70 @@ class StoryService:
                     },
                 )
                 continue
+            check = await self._moderation.check_story(request, story)
+            if not check.passed:
+                logger.warning(
+                    "story failed the content check; trying the next rung",
+                    extra={
+                        "provider": provider.name,
+                        "verdict": check.verdict,
+                        "checker": check.checker,
+                        "categories": list(check.categories),
+                    },
+                )
+                unsuitable += 1
+                continue
+            story = replace(story, text_checked_by=check.checker)
             if self._cache is not None:
                 await self._cache.put(request, story)
             return story, rung > 0
         if self._cache is not None:
             cached = await self._cache.get(request)
             if cached is not None:
-                return cached, True
+                # Only checked stories are cached: this one passed when first written.
+                return replace(cached, text_checked_by="cache"), True
         if self._offline is not None:
-            return self._offline.compose(request), True
+            story = self._offline.compose(request, use_prompt=prompt_check.passed)
+            return replace(story, text_checked_by="templates"), True
+        if unsuitable:
+            raise ServiceUnavailableError(
+                "No story suitable for a child could be written for this idea right now. "
+                "Please try again, or choose a different idea.",
+                retry_after=_retry_after(failures),
+            )
         raise ServiceUnavailableError(
             "No story provider can serve right now.", retry_after=_retry_after(failures)
         )
 
+    async def _upstream_rung(
+        self, names: list[str], rung: int, provider: StoryProvider, request: StoryRequest
+    ) -> GeneratedStory:
+        deadline = current_deadline()
+        if deadline is None:
+            return await provider.generate(request)
+        # The time to check the story of this rung and of each later one comes off the
+        # top: a check never eats into the next rung's time.
+        checks = self._moderation.reserve_seconds * (len(names) - rung)
+        seconds = self._budget.for_rung(names, rung, deadline.remaining() - checks)
+        if seconds <= 0 or seconds < self._budget.floor(provider.name):
+            raise DeadlineExceededError(f"{seconds:.2f} s left: too little for {provider.name}")
+        return await self._budget.run(seconds, lambda: provider.generate(request))
+
     async def _illustrate(self, request: StoryRequest, story: GeneratedStory) -> str | None:
         assert self._illustrator is not None
+        illustrator = self._illustrator
+        deadline = current_deadline()
         try:
-            illustration = await self._illustrator.illustrate(request, story)
+            if deadline is None:
+                illustration = await illustrator.illustrate(request, story)
+            else:
+                # The story is written: the picture may use the time left but the reserve.
+                seconds = deadline.remaining() - self._budget.reserve_seconds
+                if seconds <= 0:
+                    raise DeadlineExceededError("no time left for an illustration")
+                illustration = await self._budget.run(
+                    seconds, lambda: illustrator.illustrate(request, story)
+                )
         except (ProviderError, ResilienceError) as error:
             logger.warning("illustration dropped", extra={"error": str(error)})
             return None

@@ -1,10 +1,21 @@
-"""A fake OpenAI API (chat completions and model list) speaking the real wire format."""
+"""A fake OpenAI API (chat completions, moderations, model list) speaking the real wire format.
+
+Moderations (``POST /v1/moderations``) flag an input that contains one of
+``moderation_words`` (whole words, any case): ``DEFAULT_FLAGGED`` until a test
+changes it (``flag_words``); ``reset()`` restores it. Every fault the fakes know
+applies to it too (``path="/v1/moderations"``); ``bad_content`` answers a result
+without a verdict (``"flagged": null``). ``story_extra`` adds a sentence to every
+story a completion writes, so a test can make the story (and only the story)
+contain a flagged word.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -20,6 +31,33 @@ from tests.fakes.server import (
 
 DEFAULT_MODELS = ("gpt-4o-mini",)
 BAD_CONTENT = "Once upon a time there was a story that forgot to be JSON. The end."
+MODERATIONS = "/v1/moderations"
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+#: word -> the moderation category it flags, until a test says otherwise
+DEFAULT_FLAGGED: dict[str, str] = {
+    "knife": "violence",
+    "kill": "violence",
+    "hurt": "violence",
+    "gun": "violence",
+    "blood": "violence/graphic",
+    "sex": "sexual",
+}
+#: every category of OpenAI's moderation models, as the API names them
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
 
 _ERROR_KINDS: dict[int, tuple[str, str | None, str]] = {
     400: ("invalid_request_error", None, "Bad request."),
@@ -48,8 +86,27 @@ def _message_text(message: Any) -> str:
     return ""
 
 
+def _moderation_inputs(value: Any) -> list[str] | None:
+    """The texts of a moderation ``input`` (a string, strings, or typed parts), or None."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    texts: list[str] = []
+    for item in value:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(str(item.get("text", "")))
+        elif isinstance(item, dict) and item.get("type") == "image_url":
+            texts.append("")
+        else:
+            return None
+    return texts
+
+
 class FakeOpenAI(FakeServer):
-    """``POST /v1/chat/completions`` and ``GET /v1/models``."""
+    """``POST /v1/chat/completions``, ``POST /v1/moderations`` and ``GET /v1/models``."""
 
     supported_faults: ClassVar[frozenset[str]] = FakeServer.supported_faults | {"bad_content"}
 
@@ -57,6 +114,12 @@ class FakeOpenAI(FakeServer):
         super().__init__(host=host, port=port)
         #: completions actually answered with a 200 (not hung, reset or garbled)
         self.replies_served = 0
+        #: moderations actually answered with a 200 (not hung, reset or garbled)
+        self.moderations_served = 0
+        #: word -> category: an input containing the word (whole, any case) is flagged
+        self.moderation_words: dict[str, str] = dict(DEFAULT_FLAGGED)
+        #: a sentence added to the first paragraph of every story (none when empty)
+        self.story_extra = ""
         self._ids = 0
 
     @property
@@ -65,10 +128,29 @@ class FakeOpenAI(FakeServer):
 
     def _reset_state(self) -> None:
         self.replies_served = 0
+        self.moderations_served = 0
+        self.moderation_words = dict(DEFAULT_FLAGGED)
+        self.story_extra = ""
+
+    def flag_words(self, words: Iterable[str], category: str = "violence") -> None:
+        """Moderation flags inputs containing any of ``words`` as ``category`` too."""
+        if category not in MODERATION_CATEGORIES:
+            raise ValueError(f"unknown moderation category {category!r}")
+        with self._lock:
+            self.moderation_words.update(dict.fromkeys(words, category))
+
+    def moderation_inputs(self) -> list[str]:
+        """Every text sent to ``/v1/moderations`` since the last reset, oldest first."""
+        texts: list[str] = []
+        for call in self.calls:
+            if call.path == MODERATIONS and isinstance(call.json, dict):
+                texts.extend(_moderation_inputs(call.json.get("input")) or [])
+        return texts
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/chat/completions", self._chat_completions),
+            web.post(MODERATIONS, self._moderations),
             web.get("/v1/models", self._models),
         ]
 
@@ -142,6 +224,11 @@ class FakeOpenAI(FakeServer):
             content = BAD_CONTENT
         else:
             content = make_story_json(last_user, requested_paragraphs(texts))
+            if self.story_extra:
+                story = json.loads(content)
+                if story["paragraphs"]:
+                    story["paragraphs"][0] += " " + self.story_extra
+                content = json.dumps(story)
 
         prompt_tokens = max(1, sum(word_count(_message_text(m)) for m in messages))
         completion_tokens = max(1, word_count(content))
@@ -175,3 +262,47 @@ class FakeOpenAI(FakeServer):
             content_type="application/json",
             headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
         )
+
+    async def _moderations(self, request: web.Request) -> web.StreamResponse:
+        body = request[JSON_KEY]
+        if not isinstance(body, dict):
+            return self.error_response(400, "We could not parse the JSON body of your request.")
+        model = body.get("model", DEFAULT_MODERATION_MODEL)
+        if not isinstance(model, str) or not model:
+            return self.error_response(400, "'model' must be a string")
+        texts = _moderation_inputs(body.get("input"))
+        if texts is None:
+            return self.error_response(
+                400, "'input' must be a string, an array of strings or an array of parts"
+            )
+        fault = request[FAULT_KEY]
+        with self._lock:
+            words = dict(self.moderation_words)
+            self._ids += 1
+            moderation_id = f"modr-fake{self._ids:08d}"
+            if fault is None or fault.kind in ("delay", "bad_content"):
+                self.moderations_served += 1
+        results = [self._moderation_result(text, words) for text in texts]
+        if fault is not None and fault.kind == "bad_content":
+            for result in results:
+                result["flagged"] = None
+        payload = {"id": moderation_id, "model": model, "results": results}
+        return web.Response(
+            text=json.dumps(payload),
+            content_type="application/json",
+            headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
+        )
+
+    @staticmethod
+    def _moderation_result(text: str, words: dict[str, str]) -> dict[str, Any]:
+        hits = {
+            category
+            for word, category in words.items()
+            if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE)
+        }
+        return {
+            "flagged": bool(hits),
+            "categories": {c: c in hits for c in MODERATION_CATEGORIES},
+            "category_scores": {c: 0.97 if c in hits else 0.0002 for c in MODERATION_CATEGORIES},
+            "category_applied_input_types": {c: ["text"] for c in MODERATION_CATEGORIES},
+        }

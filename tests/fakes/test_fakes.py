@@ -399,6 +399,114 @@ async def test_reset_releases_hanging_request(fake_openai: FakeOpenAI) -> None:
         _assert_story(await _chat(client))
 
 
+# --- OpenAI moderations -----------------------------------------------------------------
+
+MODERATIONS_PATH = "/v1/moderations"
+
+
+async def test_openai_moderation_parses_and_flags_configured_words(
+    fake_openai: FakeOpenAI, openai_client: openai.AsyncOpenAI
+) -> None:
+    reply = await openai_client.moderations.create(
+        model="omni-moderation-latest", input="how to hurt my little sister with a KNIFE"
+    )
+    assert reply.id.startswith("modr-")
+    assert reply.model == "omni-moderation-latest"
+    [result] = reply.results
+    assert result.flagged is True
+    assert result.categories.violence is True
+    assert result.categories.sexual is False
+    assert result.categories.self_harm is False
+    assert result.category_scores.violence > result.category_scores.sexual
+    assert result.category_applied_input_types is not None
+    assert fake_openai.moderations_served == 1
+    assert fake_openai.replies_served == 0  # chat completions are counted apart
+    assert fake_openai.moderation_inputs() == ["how to hurt my little sister with a KNIFE"]
+
+
+async def test_openai_moderation_matches_whole_words_and_takes_lists(
+    fake_openai: FakeOpenAI, openai_client: openai.AsyncOpenAI
+) -> None:
+    fake_openai.flag_words(["zorblax"], category="hate")
+    reply = await openai_client.moderations.create(
+        input=["a dragon who is afraid of the dark", "skills and a thankful heart", "ZORBLAX!"]
+    )
+    assert [r.flagged for r in reply.results] == [False, False, True]
+    assert reply.results[2].categories.hate is True
+    assert reply.model == "omni-moderation-latest"  # the API's default model
+    parts = await openai_client.moderations.create(
+        input=[{"type": "text", "text": "a gun"}], model="omni-moderation-latest"
+    )
+    assert parts.results[0].flagged is True
+
+
+async def test_openai_moderation_words_are_reset_between_tests(fake_openai: FakeOpenAI) -> None:
+    fake_openai.flag_words(["teddy"])
+    fake_openai.story_extra = "An extra sentence."
+    fake_openai.reset()
+    assert "teddy" not in fake_openai.moderation_words
+    assert "knife" in fake_openai.moderation_words
+    assert fake_openai.story_extra == ""
+    with pytest.raises(ValueError, match="unknown moderation category"):
+        fake_openai.flag_words(["teddy"], category="rudeness")
+
+
+async def test_openai_moderation_refuses_a_request_without_input(
+    fake_openai: FakeOpenAI,
+) -> None:
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": "Bearer sk-test"}) as session,
+        session.post(fake_openai.openai_base_url + "/moderations", json={"model": "m"}) as bad,
+    ):
+        assert bad.status == 400
+        assert (await bad.json())["error"]["type"] == "invalid_request_error"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake_openai.openai_base_url + "/moderations", json={"input": "x"}) as anon,
+    ):
+        assert anon.status == 401
+    assert fake_openai.moderations_served == 0
+
+
+async def test_openai_moderation_faults(
+    fake_openai: FakeOpenAI, openai_client: openai.AsyncOpenAI
+) -> None:
+    fake_openai.fail_next(Fault.status(503), path=MODERATIONS_PATH)
+    with pytest.raises(openai.InternalServerError):
+        await openai_client.moderations.create(input="a dragon")
+    fake_openai.fail_next(Fault.rate_limit("7"), path=MODERATIONS_PATH)
+    with pytest.raises(openai.RateLimitError) as limited:
+        await openai_client.moderations.create(input="a dragon")
+    assert limited.value.response.headers["retry-after"] == "7"
+    fake_openai.fail_next(Fault.malformed(), path=MODERATIONS_PATH)
+    with pytest.raises(json.JSONDecodeError):
+        await openai_client.moderations.create(input="a dragon")
+    fake_openai.fail_next(Fault.hang(), path=MODERATIONS_PATH)
+    with pytest.raises(openai.APITimeoutError):
+        await openai_client.with_options(timeout=0.3).moderations.create(input="a dragon")
+    fake_openai.fail_next(Fault.reset(), path=MODERATIONS_PATH)
+    with pytest.raises(openai.APIConnectionError):
+        await openai_client.moderations.create(input="a dragon")
+    fake_openai.fail_next(Fault.delay(0.05), path=MODERATIONS_PATH)
+    assert (await openai_client.moderations.create(input="a dragon")).results[0].flagged is False
+    fake_openai.fail_next(Fault.bad_content(), path=MODERATIONS_PATH)
+    garbled = await openai_client.moderations.create(input="a dragon")
+    assert garbled.results[0].flagged is None  # no verdict: a client must not read a pass
+
+    assert fake_openai.count(path=MODERATIONS_PATH) == 7
+    assert fake_openai.count(path=CHAT_PATH) == 0
+    assert fake_openai.moderations_served == 2  # the delayed and the garbled reply
+
+
+async def test_openai_story_extra_goes_into_the_story_only(
+    fake_openai: FakeOpenAI, openai_client: openai.AsyncOpenAI
+) -> None:
+    fake_openai.story_extra = "Then a zorblax came."
+    story = _assert_story(await _chat(openai_client, "A brave little toaster"))
+    assert story["paragraphs"][0].endswith("Then a zorblax came.")
+    assert "zorblax" not in story["title"]
+
+
 # --- Replicate ------------------------------------------------------------------------
 
 

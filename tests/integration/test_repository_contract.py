@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
+import asyncpg
 import pytest
 
 from app.db.postgres import PostgresStoryRepository
-from app.db.repository import ClaimLostError, StoryRepository, migration_versions
-from app.db.sqlite import SqliteStoryRepository
+from app.db.repository import (
+    ClaimLostError,
+    StoryRepository,
+    migration_files,
+    migration_versions,
+)
 from app.models import IdempotencyEntry, StoryRecord
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, 123456, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def repository(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[StoryRepository]:
-    repo: StoryRepository
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("clean_postgres")
-        repo = await PostgresStoryRepository.connect(
-            url, min_size=1, max_size=2, command_timeout=5, connect_timeout=5
-        )
-    else:
-        repo = await SqliteStoryRepository.open(tmp_path / "contract.sqlite3")
-    await repo.migrate()
-    try:
-        yield repo
-    finally:
-        await repo.close()
 
 
 def story(
@@ -65,6 +52,18 @@ async def test_a_stored_story_reads_back_field_for_field(repository: StoryReposi
     await repository.add(original)
 
     assert await repository.get(original.id, "alice") == original
+
+
+@pytest.mark.parametrize("moderated_locally", [True, False, None])
+async def test_who_passed_the_story_reads_back(
+    repository: StoryRepository, moderated_locally: bool | None
+) -> None:
+    original = dataclasses.replace(story(), moderated_locally=moderated_locally)
+    await repository.add(original)
+
+    found = await repository.get(original.id, "alice")
+    assert found is not None
+    assert found.moderated_locally is moderated_locally
 
 
 async def test_a_story_is_invisible_to_other_owners(repository: StoryRepository) -> None:
@@ -139,6 +138,50 @@ async def test_migrating_twice_applies_nothing_the_second_time(
     assert await repository.migrate() == []
     assert "0001_stories" in await repository.applied_migrations()
     assert "0003_stories_illustrate" in await repository.applied_migrations()
+    assert "0004_idempotency_claim_token" in await repository.applied_migrations()
+
+
+async def test_a_migration_that_fails_leaves_nothing_of_itself(
+    repository: StoryRepository, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    module = sys.modules[type(repository).__module__]
+    shipped = module.migration_files(repository.backend)
+    create = "CREATE TABLE half_done (x INTEGER);"
+    broken = [*shipped, ("9999_broken", f"{create}\nSELECT * FROM no_such_table;")]
+    fixed = [*shipped, ("9999_broken", create)]
+    try:
+        monkeypatch.setattr(module, "migration_files", lambda backend: broken)
+        with pytest.raises(Exception, match="no_such_table"):
+            await repository.migrate()
+        assert "9999_broken" not in await repository.applied_migrations()
+
+        monkeypatch.setattr(module, "migration_files", lambda backend: fixed)
+        # Had the table stayed, creating it again would fail.
+        assert await repository.migrate() == ["9999_broken"]
+    finally:
+        if repository.backend == "postgres":  # the scratch database outlives this test
+            conn = await asyncpg.connect(request.getfixturevalue("clean_postgres"))
+            try:
+                await conn.execute("DELETE FROM schema_migrations WHERE version = '9999_broken'")
+                await conn.execute("DROP TABLE IF EXISTS half_done")
+            finally:
+                await conn.close()
+
+
+async def test_every_postgres_migration_can_run_again_as_it_is(clean_postgres: str) -> None:
+    repo = await PostgresStoryRepository.connect(
+        clean_postgres, min_size=1, max_size=1, command_timeout=5, connect_timeout=5
+    )
+    try:
+        await repo.migrate()
+    finally:
+        await repo.close()
+    conn = await asyncpg.connect(clean_postgres)
+    try:
+        for _, sql in migration_files("postgres"):
+            await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 async def test_ping_measures_a_round_trip(repository: StoryRepository) -> None:
@@ -154,15 +197,26 @@ async def test_the_applied_migrations_are_the_ones_this_build_ships(
     assert migration_versions(repository.backend)[0] == "0001_stories"
 
 
-LOCK = timedelta(seconds=60)
+LEASE = timedelta(seconds=5)
 KEEP = timedelta(days=1)
 
 
 async def claim(
-    repository: StoryRepository, fingerprint: str, *, at: datetime = T0, key: str = "k"
+    repository: StoryRepository,
+    fingerprint: str,
+    *,
+    at: datetime = T0,
+    key: str = "k",
+    token: str = "t1",  # noqa: S107 - a claim token, not a password
 ) -> IdempotencyEntry | None:
     return await repository.claim_key(
-        "alice", key, fingerprint, now=at, locked_until=at + LOCK, expires_at=at + KEEP
+        "alice",
+        key,
+        fingerprint,
+        token=token,
+        now=at,
+        locked_until=at + LEASE,
+        expires_at=at + KEEP,
     )
 
 
@@ -171,11 +225,13 @@ async def test_a_new_key_is_claimed_and_a_repeat_sees_the_pending_claim(
 ) -> None:
     assert await claim(repository, "f1") is None
 
-    entry = await claim(repository, "f1")
+    entry = await claim(repository, "f1", token="t2")
 
     assert entry is not None
     assert (entry.fingerprint, entry.state, entry.story_id) == ("f1", "pending", None)
-    assert entry.locked_until == T0 + LOCK
+    assert entry.locked_until == T0 + LEASE
+    assert await repository.read_key("alice", "k") == entry
+    assert await repository.read_key("alice", "other") is None
 
 
 async def test_storing_with_the_claim_marks_the_key_done_with_its_story(
@@ -184,45 +240,121 @@ async def test_storing_with_the_claim_marks_the_key_done_with_its_story(
     await claim(repository, "f1")
     original = story()
 
-    await repository.add(original, idempotency_key="k", claimed_until=T0 + LOCK)
-    entry = await repository.claim_key(
-        "alice", "k", "f1", now=T0 + LOCK * 2, locked_until=T0 + LOCK * 3, expires_at=T0 + KEEP
-    )
+    await repository.add(original, idempotency_key="k", claim_token="t1")
+    entry = await claim(repository, "f1", at=T0 + LEASE * 2, token="t2")
 
     assert entry is not None
     assert (entry.state, entry.story_id) == ("done", original.id)
     assert await repository.get(original.id, "alice") == original
 
 
-async def test_a_claim_taken_over_stores_nothing(repository: StoryRepository) -> None:
+async def test_a_renewal_extends_the_lease_and_keeps_the_token(
+    repository: StoryRepository,
+) -> None:
     await claim(repository, "f1")
-    # The holder died: past its lock, the same request takes the key over.
-    later = T0 + LOCK + timedelta(seconds=1)
-    assert await claim(repository, "f1", at=later) is None
+    later = T0 + LEASE * 3
+
+    assert await repository.renew_key("alice", "k", "t1", locked_until=later) is True
+    # Past the first lease, but within the renewed one: not taken over.
+    entry = await claim(repository, "f1", at=T0 + LEASE * 2, token="t2")
+    assert entry is not None
+    assert entry.locked_until == later
+    original = story()
+    await repository.add(original, idempotency_key="k", claim_token="t1")
+    assert await repository.get(original.id, "alice") == original
+
+
+async def test_only_the_holder_renews_and_nothing_renews_a_finished_claim(
+    repository: StoryRepository,
+) -> None:
+    await claim(repository, "f1")
+
+    assert await repository.renew_key("alice", "k", "t2", locked_until=T0 + LEASE * 9) is False
+    assert await repository.renew_key("alice", "nope", "t1", locked_until=T0 + LEASE) is False
+    entry = await repository.read_key("alice", "k")
+    assert entry is not None
+    assert entry.locked_until == T0 + LEASE
+
+    await repository.add(story(), idempotency_key="k", claim_token="t1")
+    assert await repository.renew_key("alice", "k", "t1", locked_until=T0 + LEASE * 9) is False
+
+
+async def test_a_claim_whose_lease_lapsed_is_taken_over_and_its_holder_stores_nothing(
+    repository: StoryRepository,
+) -> None:
+    await claim(repository, "f1")
+    # The holder died: past its lease, the same request takes the key over.
+    later = T0 + LEASE + timedelta(seconds=1)
+    assert await claim(repository, "f1", at=later, token="t2") is None
     original = story()
 
     with pytest.raises(ClaimLostError):
-        await repository.add(original, idempotency_key="k", claimed_until=T0 + LOCK)
+        await repository.add(original, idempotency_key="k", claim_token="t1")
+    assert await repository.renew_key("alice", "k", "t1", locked_until=later + LEASE) is False
 
     assert await repository.get(original.id, "alice") is None
+    newer = story()
+    await repository.add(newer, idempotency_key="k", claim_token="t2")
+    assert await repository.get(newer.id, "alice") == newer
+
+
+async def test_a_lapsed_claim_is_not_taken_over_by_another_body(
+    repository: StoryRepository,
+) -> None:
+    await claim(repository, "f1")
+
+    entry = await claim(repository, "f2", at=T0 + LEASE * 2, token="t2")
+
+    assert entry is not None
+    assert (entry.fingerprint, entry.state) == ("f1", "pending")
+
+
+async def test_a_claim_taken_over_is_not_released_by_its_former_holder(
+    repository: StoryRepository,
+) -> None:
+    await claim(repository, "f1")
+    assert await claim(repository, "f1", at=T0 + LEASE * 2, token="t2") is None
+
+    await repository.release_key("alice", "k", "t1")
+
+    entry = await repository.read_key("alice", "k")
+    assert entry is not None
+    assert entry.state == "pending"
+    original = story()
+    await repository.add(original, idempotency_key="k", claim_token="t2")
+    assert await repository.get(original.id, "alice") == original
 
 
 async def test_a_released_key_can_be_claimed_again_and_expired_keys_are_purged(
     repository: StoryRepository,
 ) -> None:
     await claim(repository, "f1")
-    await repository.release_key("alice", "k")
-    assert await claim(repository, "f2") is None
+    await repository.release_key("alice", "k", "t1")
+    assert await repository.read_key("alice", "k") is None
+    assert await claim(repository, "f2", token="t2") is None
     await claim(repository, "f3", key="old", at=T0 - KEEP * 2)
 
     assert await repository.purge_expired_keys(T0) == 1
     assert await claim(repository, "f4", key="old") is None
 
 
+async def test_a_done_key_is_not_released(repository: StoryRepository) -> None:
+    await claim(repository, "f1")
+    original = story()
+    await repository.add(original, idempotency_key="k", claim_token="t1")
+
+    await repository.release_key("alice", "k", "t1")
+
+    entry = await repository.read_key("alice", "k")
+    assert entry is not None
+    assert (entry.state, entry.story_id) == ("done", original.id)
+
+
 async def test_a_claim_released_between_claiming_and_reading_is_claimed_again(
     repository: StoryRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await claim(repository, "f1")
+    read_entry: Callable[[str, str], Awaitable[IdempotencyEntry | None]]
     read_entry = repository._read_entry  # type: ignore[attr-defined]
     reads = 0
 
@@ -230,14 +362,14 @@ async def test_a_claim_released_between_claiming_and_reading_is_claimed_again(
         nonlocal reads
         reads += 1
         if reads == 1:  # the holder's request fails just now and drops its claim
-            await repository.release_key(owner, key)
+            await repository.release_key(owner, key, "t1")
         return await read_entry(owner, key)
 
     monkeypatch.setattr(repository, "_read_entry", released_first)
 
-    assert await claim(repository, "f2", at=T0 + timedelta(seconds=1)) is None
+    assert await claim(repository, "f2", at=T0 + timedelta(seconds=1), token="t2") is None
     assert reads == 1
     monkeypatch.undo()
-    entry = await claim(repository, "f3", at=T0 + timedelta(seconds=2))
+    entry = await claim(repository, "f3", at=T0 + timedelta(seconds=2), token="t3")
     assert entry is not None
     assert entry.fingerprint == "f2"

@@ -73,7 +73,7 @@ async def test_retry_after_from_a_429_is_waited_instead_of_the_backoff(
     async with serve(settings) as client:
         response = await client.post("/v1/stories", json=STORY_BODY)
 
-    calls = fake_openai.calls
+    calls = [call for call in fake_openai.calls if call.path == COMPLETIONS]
     assert response.json()["provider"] == "openai"
     assert len(calls) == 2
     # The backoff here is at most 0.05 s; the upstream asked for 2 s.
@@ -291,3 +291,31 @@ async def test_a_stalled_prediction_is_cancelled_counted_and_opens_the_breaker(
     # request creates nothing.
     assert fake_replicate.created_count == 3
     assert {p["status"] for p in fake_replicate.predictions()} == {"canceled"}
+
+
+async def test_a_hanging_openai_leaves_replicate_time_and_its_breaker_opens(
+    fake_openai: FakeOpenAI, fake_replicate: FakeReplicate, tmp_path: Path
+) -> None:
+    # Deadline 3 s: OpenAI's rung may use 60% of what is left after the 0.5 s
+    # reserve (1.5 s), which leaves Replicate about a second: plenty for the fake.
+    fake_openai.set_fault(Fault.hang(), path=COMPLETIONS)
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db",
+        openai_base_url=fake_openai.openai_base_url,
+        replicate_base_url=fake_replicate.base_url,
+        request_deadline_seconds=3.0,
+        resilience=resilience(ladder_reserve_seconds=0.5, rung_share=0.6),
+    )
+    async with serve(settings) as client:
+        hung = [
+            await client.post("/v1/stories", json={**STORY_BODY, "age": age}) for age in (4, 5, 6)
+        ]
+        hangs_seen = fake_openai.count(path=COMPLETIONS)
+        after_opening = await client.post("/v1/stories", json={**STORY_BODY, "age": 7})
+
+    assert [r.json()["provider"] for r in hung] == ["replicate"] * 3
+    # Each hang was cut at the rung's deadline and counted as a failure: three open
+    # OpenAI's breaker (threshold 3), and the fourth request does not wait for it.
+    assert hangs_seen == 3
+    assert after_opening.json()["provider"] == "replicate"
+    assert fake_openai.count(path=COMPLETIONS) == 3

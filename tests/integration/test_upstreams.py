@@ -37,7 +37,7 @@ async def test_openai_writes_the_story_when_configured(
     assert story["degraded"] is False
     assert len(story["paragraphs"]) == 5
     assert fake_openai.count(path=COMPLETIONS) == 1
-    sent = fake_openai.calls[-1]
+    sent = next(call for call in fake_openai.calls if call.path == COMPLETIONS)
     assert sent.headers["authorization"] == "Bearer sk-test"
     assert sent.json is not None
     assert sent.json["model"] == "gpt-4o-mini"

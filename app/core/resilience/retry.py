@@ -168,10 +168,14 @@ class RetryPolicy:
         *,
         deadline: Deadline | None = None,
         name: str | None = None,
+        proceed: Callable[[], Awaitable[bool]] | None = None,
     ) -> T:
         """Await `attempt()` (a fresh awaitable each time), retrying per this policy.
 
         `name` (default: the policy's, else the callable's) keys the budget and events.
+        `proceed`, when given, is asked before each wait whether a retry can still
+        help: False re-raises the error now; it may also raise an error of its own
+        (a circuit breaker that opened raises `CircuitOpenError`), chained to it.
         """
         label = name or self.name or name_of(attempt)
         if self.budget is not None:
@@ -183,6 +187,11 @@ class RetryPolicy:
             except Exception as error:
                 delay = self._delay_before_retry(error, retries, deadline, label)
                 if delay is None:
+                    raise
+                if proceed is not None and not await proceed():
+                    logger.info("%s: a retry cannot help now; giving up", label)
+                    raise
+                if not self._spend_retry(label, retries, delay, error):
                     raise
             retries += 1
             await self.sleep(delay)
@@ -206,7 +215,8 @@ class RetryPolicy:
     def _delay_before_retry(
         self, error: BaseException, retries: int, deadline: Deadline | None, name: str
     ) -> float | None:
-        """How long to wait before the next attempt, or None to give up now."""
+        """How long to wait before the next attempt, or None to give up now (the
+        budget is not consulted here: see `_spend_retry`)."""
         if isinstance(error, asyncio.CancelledError) or not self.is_retryable(error):
             return None
         if retries >= self.max_retries:
@@ -220,11 +230,15 @@ class RetryPolicy:
         if deadline is not None and delay >= deadline.remaining():
             logger.info("%s: a %.2f s wait would pass the deadline; giving up", name, delay)
             return None
+        return delay
+
+    def _spend_retry(self, name: str, retries: int, delay: float, error: BaseException) -> bool:
+        """Take a retry from the budget (False: none left) and report it."""
         if self.budget is not None and not self.budget.try_retry(name):
             notify_observer(self.observer.budget_exhausted, name)
-            return None
+            return False
         notify_observer(self.observer.retry, name, retries + 1, delay, error)
-        return delay
+        return True
 
 
 def retry_on_failure(max_retries: int = 3, delay: float = 1.0, **options: Any) -> Callable[[F], F]:
