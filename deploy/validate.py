@@ -353,6 +353,12 @@ def check_k8s() -> list[str]:
             f"k8s: terminationGracePeriodSeconds {grace:g} must exceed preStop {pre_stop:g}"
             f" + SHUTDOWN_DRAIN_DELAY_SECONDS + SHUTDOWN_GRACE_SECONDS ({drain:g})"
         )
+    if str(config.get("HEALTH_REDIS_REQUIRED", "false")).strip().lower() in {"1", "true", "yes"}:
+        # Redis is shared by every pod: gating readiness on it fails them all at once.
+        problems.append(
+            "k8s: HEALTH_REDIS_REQUIRED must be false: a Redis outage would fail every "
+            "pod's readiness at once and empty the Service (the service serves without Redis)"
+        )
     security = container.get("securityContext", {})
     if not security.get("readOnlyRootFilesystem") or security.get("allowPrivilegeEscalation"):
         problems.append("k8s: container must have a read-only root and no privilege escalation")

@@ -109,8 +109,12 @@ def init_sentry(settings: Settings, version: str) -> bool:
         traces_sample_rate=cfg.traces_sample_rate,
         max_request_body_size="never",
         include_local_variables=False,
-        # Its spans would carry prompts and completions; keep the timings only.
-        integrations=[OpenAIIntegration(include_prompts=False)],
+        # Off, though sentry-sdk enables it whenever `openai` is installed: it reports
+        # every exception an SDK call raises, including the upstream failures the
+        # ladder handles (the next rung serves), so an OpenAI outage paged as a crash
+        # and spent the quota. Handled failures are metrics and log lines; Sentry
+        # gets what the service did not handle.
+        disabled_integrations=[OpenAIIntegration()],
         event_scrubber=EventScrubber(denylist=DENYLIST, recursive=True),
         before_send=scrub_event,  # type: ignore[arg-type]
         before_send_transaction=scrub_event,  # type: ignore[arg-type]

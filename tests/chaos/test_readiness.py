@@ -15,7 +15,8 @@ def _settings(tmp_path: Path, redis_url: str) -> Any:
     return make_settings(
         sqlite_path=tmp_path / "s.db",
         redis_url=redis_url,
-        health=HealthSettings(_env_file=None, cache_seconds=0),
+        # Redis gating readiness is an operator's choice (off by default): tested on.
+        health=HealthSettings(_env_file=None, cache_seconds=0, redis_required=True),
     )
 
 

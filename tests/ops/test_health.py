@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from app.platform.config import HealthSettings, OpenAISettings
 from tests.fakes.fault_proxy import FaultProxy
 from tests.ops.apps import app_state, ops_settings, running
+from tests.support import STORY_BODY
 
 HEALTH_JSON = "application/health+json"
 
@@ -153,10 +154,14 @@ async def test_system_figures_above_their_thresholds_warn(tmp_path: Path) -> Non
 
 
 @pytest.mark.redis
-async def test_readiness_fails_naming_redis_when_a_configured_redis_is_down(
+async def test_with_redis_required_readiness_fails_naming_redis_when_it_is_down(
     tmp_path: Path, fault_proxy_redis: FaultProxy, redis_client: Redis
 ) -> None:
-    settings = ops_settings(tmp_path, redis_url=fault_proxy_redis.url_for())
+    settings = ops_settings(
+        tmp_path,
+        redis_url=fault_proxy_redis.url_for(),
+        health=HealthSettings(_env_file=None, redis_required=True),
+    )
     async with running(settings) as (_, client):
         fault_proxy_redis.set_mode("down")
         ready = await client.get("/health/ready")
@@ -168,19 +173,17 @@ async def test_readiness_fails_naming_redis_when_a_configured_redis_is_down(
 
 
 @pytest.mark.redis
-async def test_redis_can_be_made_optional_for_readiness(
+async def test_by_default_a_redis_outage_is_a_readiness_warning_not_a_failure(
     tmp_path: Path, fault_proxy_redis: FaultProxy, redis_client: Redis
 ) -> None:
-    settings = ops_settings(
-        tmp_path,
-        redis_url=fault_proxy_redis.url_for(),
-        health=HealthSettings(_env_file=None, redis_required=False),
-    )
+    settings = ops_settings(tmp_path, redis_url=fault_proxy_redis.url_for())
     async with running(settings) as (_, client):
         fault_proxy_redis.set_mode("down")
         ready = await client.get("/health/ready")
+        story = await client.post("/v1/stories", json=STORY_BODY)
 
     assert ready.status_code == 200
+    assert story.status_code == 201
     assert check(ready.json(), "redis:responseTime")["status"] == "warn"
 
 
@@ -192,7 +195,7 @@ async def test_a_black_holed_redis_is_reported_as_failing_not_waited_for(
     settings = ops_settings(
         tmp_path,
         redis_url=fault_proxy_redis.url_for(),
-        health=HealthSettings(_env_file=None, check_timeout_seconds=0.2),
+        health=HealthSettings(_env_file=None, check_timeout_seconds=0.2, redis_required=True),
     )
     settings.redis = settings.redis.model_copy(update={"socket_timeout_ms": 30_000})
     async with running(settings) as (_, client):

@@ -20,7 +20,10 @@ from pydantic import SecretStr
 from app.main import create_app
 from app.platform.config import SentrySettings
 from app.platform.sentry import FILTERED, scrub_event
+from tests.fakes.openai_fake import FakeOpenAI
+from tests.fakes.server import Fault
 from tests.ops.apps import ops_settings, running
+from tests.support import STORY_BODY
 
 PROMPT = "a shy unicorn named Zorbleflax who lives under the stairs"
 OPENAI_KEY = "sk-live-4f9a8b7c6d5e"
@@ -118,6 +121,22 @@ async def test_an_unhandled_error_reaches_sentry_without_prompts_or_keys(
     raw = fake_sentry.raw()
     for secret in (PROMPT, "Zorbleflax", OPENAI_KEY, REPLICATE_TOKEN):
         assert secret not in raw, f"{secret!r} was sent to Sentry"
+
+
+async def test_an_upstream_failure_the_ladder_handled_sends_nothing_to_sentry(
+    tmp_path: Path, fake_sentry: FakeSentry, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.set_fault(Fault.status(503))
+    sentry = SentrySettings(_env_file=None, dsn=SecretStr(fake_sentry.dsn), traces_sample_rate=0.0)
+    settings = ops_settings(tmp_path, sentry=sentry, openai_base_url=fake_openai.openai_base_url)
+    async with running(settings) as (_, client):
+        response = await client.post("/v1/stories", json=STORY_BODY)
+    # Leaving the app flushed the Sentry client.
+
+    assert response.status_code == 201
+    assert response.json()["provider"] == "offline"  # OpenAI failed: the ladder served
+    assert fake_openai.count(path="/v1/chat/completions") == 3
+    assert fake_sentry.items("event") == []
 
 
 def test_scrubbing_removes_bodies_credentials_and_prompts_at_any_depth() -> None:

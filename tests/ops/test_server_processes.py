@@ -123,6 +123,8 @@ def test_redis_going_down_or_silent_mid_run_leaves_liveness_and_stories_up(
         observed["recovered"] = [client.get("/health/live").status_code]
 
     assert observed["pass"] == [201]
-    assert observed["down"] == [200, 201, 201, 200, 503]
-    assert observed["blackhole"] == [200, 201, 201, 200, 503]
+    # Readiness stays 200 (a warning): Redis is degradable and does not gate it by
+    # default (HEALTH_REDIS_REQUIRED=false), so an outage keeps every pod in rotation.
+    assert observed["down"] == [200, 201, 201, 200, 200]
+    assert observed["blackhole"] == [200, 201, 201, 200, 200]
     assert observed["recovered"] == [200]

@@ -95,8 +95,10 @@ class HealthSettings(BaseSettings):
     disk_path: Path = Path("/")
     # psutil is sampled in the background this often; requests read the last sample.
     sample_interval_seconds: float = Field(default=5.0, gt=0)
-    # A configured Redis that does not answer makes the instance unready.
-    redis_required: bool = True
+    # A configured Redis that does not answer makes the instance unready. Off by
+    # default: the service serves without Redis (state in-process), and a shared
+    # dependency that fails every replica's readiness at once empties the Service.
+    redis_required: bool = False
     # Concurrent health requests share one round of dependency checks, and its result
     # is reused this long (probe storms cost one round per interval, never a pool).
     cache_seconds: float = Field(default=1.0, ge=0, le=60)
