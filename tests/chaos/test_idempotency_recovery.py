@@ -13,8 +13,7 @@ import concurrent.futures
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Callable
 
 import asyncpg
 import httpx
@@ -28,21 +27,6 @@ from tests.ops.servers import app_server
 from tests.support import STORY_BODY, make_settings, serve
 
 COMPLETIONS = "/v1/chat/completions"
-
-
-@pytest.fixture
-def postgres_proxy(clean_postgres: str) -> Iterator[tuple[FaultProxy, str]]:
-    """A fault proxy in front of the test database, and the URL that goes through it."""
-    parts = urlsplit(clean_postgres)
-    proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    proxy.start()
-    netloc = (
-        f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
-    )
-    try:
-        yield proxy, urlunsplit(parts._replace(netloc=netloc))
-    finally:
-        proxy.stop()
 
 
 async def key_row(url: str, key: str) -> asyncpg.Record | None:
