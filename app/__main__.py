@@ -45,6 +45,12 @@ s), raise it above the proxy's, or the proxy may send a request on a connection
 being closed. Header count and size within the head are the app's
 (`MAX_HEADER_COUNT`, `MAX_HEADER_BYTES`: 431). Figures: `docs/security.md`.
 
+Exit status: 0 after a clean stop; 3 (uvicorn's STARTUP_FAILURE) when the app's
+startup fails, with one worker or several (uvicorn's supervisor alone would
+exit 0 after stopping on a worker that failed to start), and when the app's
+settings are invalid (checked here first: the supervisor would respawn workers
+that fail on them forever).
+
 Graceful shutdown: on SIGTERM uvicorn stops accepting connections, lets
 in-flight requests run for up to `SHUTDOWN_GRACE_SECONDS`, then runs the app's
 lifespan shutdown (pools closed). Whatever stops the process must wait longer
@@ -54,19 +60,24 @@ than that: compose's `stop_grace_period` and Kubernetes'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from ipaddress import IPv4Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any
 
 import uvicorn
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from app.http.server import IMPORT_PATH as HTTP_PROTOCOL
 from app.http.server import READ_TIMEOUT_ENV
+from app.platform.config import Settings as AppSettings
 
 APP_IMPORT_PATH = "app.main:app"
 
@@ -185,12 +196,58 @@ def prepare_multiprocess_metrics(
     return directory
 
 
+def run_server(options: dict[str, Any]) -> int:
+    """Runs uvicorn with `options`; returns the process's exit status.
+
+    One worker: `uvicorn.run`, which itself exits with 3 when the app's startup
+    fails. Several workers: uvicorn's supervisor, run here because `uvicorn.run`
+    returns normally (status 0) after the supervisor stops on a worker whose
+    startup failed, so a crash would look like a clean stop to whatever
+    restarts the process. That case is 3 (uvicorn's STARTUP_FAILURE) here too.
+    """
+    if options["workers"] <= 1 or options["reload"]:
+        uvicorn.run(APP_IMPORT_PATH, **options)
+        return 0
+    config = uvicorn.Config(APP_IMPORT_PATH, **options)
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    with contextlib.suppress(KeyboardInterrupt):
+        supervisor.run()
+    failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
+    if failed:
+        logger.error(
+            "worker startup failed (pids %s): exiting with status %d", failed, STARTUP_FAILURE
+        )
+        return STARTUP_FAILURE
+    return 0
+
+
+def check_app_settings() -> bool:
+    """Reads the app's own settings once, here in the parent process.
+
+    Invalid settings fail every worker the same way at import, and uvicorn's
+    supervisor respawns a worker that dies that way forever instead of exiting.
+    The log names each invalid field and why, never its value (it may be a secret).
+    """
+    try:
+        AppSettings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
+            for e in error.errors(include_input=False, include_url=False)
+        )
+        logger.error("invalid settings (%s): %s", error.title, problems)
+        return False
+    return True
+
+
 def main() -> None:
+    if not check_app_settings():
+        sys.exit(STARTUP_FAILURE)
     settings = ServerSettings()
     prepare_multiprocess_metrics(settings)
     # For DeadlineH11Protocol, which uvicorn builds in each worker process.
     os.environ[READ_TIMEOUT_ENV] = str(settings.request_read_timeout_seconds)
-    uvicorn.run(APP_IMPORT_PATH, **settings.uvicorn_options())
+    sys.exit(run_server(settings.uvicorn_options()))
 
 
 if __name__ == "__main__":

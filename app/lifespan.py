@@ -1,7 +1,8 @@
 """The one composition root: everything the app holds is built, started and closed here.
 
 `lifespan_for(settings, version)` is the app's lifespan. At start it opens the
-database (PostgreSQL pool, or the embedded SQLite file) and applies migrations,
+database and applies migrations (the embedded SQLite file now; a PostgreSQL that
+does not answer is connected and migrated in the background, see `app.db.deferred`),
 opens Redis when configured, builds the providers that have keys with their
 breakers, the story service, the rate limiter, the maintenance switch, the
 system sampler and the health service, installs the SIGTERM drain hook, and
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -38,6 +40,7 @@ from app.core.resilience import (
 )
 from app.core.resilience.stores import preload_breaker_script
 from app.core.security import Authenticator, build_authenticator
+from app.db.deferred import DeferredRepository
 from app.db.postgres import PostgresStoryRepository
 from app.db.repository import StoryRepository
 from app.db.sqlite import SqliteStoryRepository
@@ -91,6 +94,7 @@ class AppState:
 
 
 async def open_repository(settings: Settings) -> StoryRepository:
+    """The store itself, connected now (not migrated); raises when it cannot be opened."""
     db = settings.database
     if db.url is not None:
         return await PostgresStoryRepository.connect(
@@ -101,6 +105,42 @@ async def open_repository(settings: Settings) -> StoryRepository:
             connect_timeout=db.connect_timeout_seconds,
         )
     return await SqliteStoryRepository.open(db.sqlite_path)
+
+
+async def start_repository(settings: Settings) -> StoryRepository:
+    """The repository the service runs on, migrated when it answers.
+
+    PostgreSQL (a server that may be down for a while): a `DeferredRepository`
+    that tries once now and, failing that, keeps trying in the background, so
+    the process starts, stays live and becomes ready once the database answers.
+    SQLite (a file of this container): opened and migrated now; a file that
+    cannot be opened is fatal, with a message that names it.
+    """
+    db = settings.database
+    if db.url is not None:
+        url = db.url.get_secret_value()
+        password = urlsplit(url).password or ""
+        deferred = DeferredRepository(
+            "postgres",
+            lambda: open_repository(settings),
+            secrets=[url, password, unquote(password)],
+        )
+        await deferred.start()
+        return deferred
+    try:
+        repository = await open_repository(settings)
+    except Exception as error:
+        raise RuntimeError(
+            f"cannot open the SQLite database at {db.sqlite_path} (DATABASE_SQLITE_PATH): {error!r}"
+        ) from error
+    try:
+        applied = await repository.migrate()
+    except BaseException:
+        await repository.close()
+        raise
+    if applied:
+        logger.info("migrations applied", extra={"versions": applied})
+    return repository
 
 
 def redis_from_settings(
@@ -158,11 +198,8 @@ async def _purge_expired_keys(repository: StoryRepository, every_seconds: float 
 
 async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -> AppState:
     """Builds and starts every part; `stack` closes them, in reverse order."""
-    repository = await open_repository(settings)
+    repository = await start_repository(settings)
     stack.push_async_callback(repository.close)
-    applied = await repository.migrate()
-    if applied:
-        logger.info("migrations applied", extra={"versions": applied})
 
     redis = redis_from_settings(settings)
     health_redis = redis_from_settings(

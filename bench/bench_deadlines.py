@@ -374,6 +374,7 @@ def server_env(
         "REPLICATE_FLOOR_SECONDS": f"{replicate_floor:g}",
         "RATE_LIMIT_CREATE_STORY": "1000000/minute",
         "RATE_LIMIT_DEFAULT": "1000000/minute",
+        "RATE_LIMIT_PER_CLIENT": "1000000/minute",
         # Each scenario's stories under an owner of their own, to count them.
         "ANONYMOUS_PRINCIPAL": owner,
     }

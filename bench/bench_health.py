@@ -173,7 +173,13 @@ async def run(args: argparse.Namespace) -> None:
         for k, v in os.environ.items()
         if not k.startswith(("OPENAI_", "REPLICATE_", "DATABASE_", "REDIS_", "RATE_LIMIT_"))
     }
-    base_env.update({"LOG_LEVEL": "WARNING", "RATE_LIMIT_DEFAULT": "100000000/minute"})
+    base_env.update(
+        {
+            "LOG_LEVEL": "WARNING",
+            "RATE_LIMIT_DEFAULT": "100000000/minute",
+            "RATE_LIMIT_PER_CLIENT": "100000000/minute",
+        }
+    )
     redis_host, redis_port = args.redis.rsplit(":", 1)
     use_redis = redis_answers(redis_host, int(redis_port))
     proxy = FaultProxy(redis_host, int(redis_port), latency_ms=args.redis_latency_ms)

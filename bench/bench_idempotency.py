@@ -291,6 +291,7 @@ def kill_phase(params: Params, fake: FakeOpenAI, owner: str) -> None:
         "DATABASE_URL": params.database_url,
         "ANONYMOUS_PRINCIPAL": owner,
         "RATE_LIMIT_CREATE_STORY": "100000/minute",
+        "RATE_LIMIT_PER_CLIENT": "100000/minute",
     }
     key = f"killed-{secrets.token_hex(6)}"
     print("\n## 2. Killed worker, then retries with the same key\n")

@@ -86,7 +86,12 @@ def make_settings(
     # requests must not be refused by the limiter it is not testing.
     overrides.setdefault(
         "rate_limit",
-        RateLimitSettings(_env_file=None, default="100000/minute", create_story="100000/minute"),
+        RateLimitSettings(
+            _env_file=None,
+            per_client="100000/minute",
+            default="100000/minute",
+            create_story="100000/minute",
+        ),
     )
     return Settings(
         _env_file=None,

@@ -69,6 +69,8 @@ class FaultProxy:
         self.latency_ms = latency_ms
         #: connections accepted so far (in any mode)
         self.accepted = 0
+        #: the path `url_for` puts on URLs (a Redis database number, e.g. "/15")
+        self.default_path = "/15"
         self._mode = "pass"
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -92,8 +94,8 @@ class FaultProxy:
     def active_connections(self) -> int:
         return len(self._connections)
 
-    def url_for(self, scheme: str = "redis", path: str = "/15") -> str:
-        return f"{scheme}://{self.host}:{self.port}{path}"
+    def url_for(self, scheme: str = "redis", path: str | None = None) -> str:
+        return f"{scheme}://{self.host}:{self.port}{self.default_path if path is None else path}"
 
     def start(self) -> None:
         """Start listening (idempotent)."""

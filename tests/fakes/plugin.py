@@ -51,6 +51,8 @@ def fault_proxy_redis(redis_url: str) -> Iterator[FaultProxy]:
     """A started FaultProxy (mode "pass") in front of the test Redis."""
     target = urlsplit(redis_url)
     proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    # The same database as the test's own clients (REDIS_TEST_URL), which it flushes.
+    proxy.default_path = target.path or "/0"
     proxy.start()
     try:
         yield proxy

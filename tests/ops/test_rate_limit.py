@@ -59,6 +59,41 @@ async def test_requests_over_the_default_limit_get_a_429_problem(tmp_path: Path)
     assert "3 requests per minute" in body["detail"]
 
 
+async def test_a_client_has_one_budget_across_the_api_beneath_the_route_limits(
+    tmp_path: Path,
+) -> None:
+    settings = ops_settings(tmp_path, rate_limit=limits(per_client="3/minute"))
+    async with running(settings) as (_, client):
+        responses = [
+            await client.get("/v1/stories"),
+            await client.get("/v1/recommendations", params={"age": 6}),
+            await client.get("/v1/stories"),
+            await client.get("/v1/recommendations", params={"age": 6}),
+        ]
+        other_client = await client.get("/v1/stories", headers={"X-Forwarded-For": "x"})
+
+    # Each route's own limit (100/minute) is far off: the fourth request of this
+    # client, on any route, is over its 3 requests per minute across the API.
+    assert [r.status_code for r in responses[:3]] == [200, 200, 200]
+    body = assert_rate_limited(responses[3], 3)
+    assert "across the API" in body["detail"]
+    # The same address (a forwarding header from an untrusted peer changes nothing).
+    assert other_client.status_code == 429
+
+
+async def test_a_route_limit_tighter_than_the_client_budget_names_the_endpoint(
+    tmp_path: Path,
+) -> None:
+    settings = ops_settings(tmp_path, rate_limit=limits(per_client="50/minute", default="2/minute"))
+    async with running(settings) as (_, client):
+        responses = [await client.get("/v1/stories") for _ in range(3)]
+        elsewhere = await client.get("/v1/recommendations", params={"age": 6})
+
+    body = assert_rate_limited(responses[2], 2)
+    assert "to this endpoint" in body["detail"]
+    assert elsewhere.status_code == 200
+
+
 async def test_allowed_responses_carry_limit_remaining_and_reset(tmp_path: Path) -> None:
     settings = ops_settings(tmp_path, rate_limit=limits(default="3/minute"))
     async with running(settings) as (_, client):
@@ -390,6 +425,37 @@ def test_the_keys_of_a_multi_limit_route_share_one_hash_tag_and_slot(
     assert len(tags) == 1
     assert tags.pop(), "an empty hash tag makes Redis hash the whole key"
     assert len({key_slot(key.encode()) for key in keys}) == 1
+
+
+def test_a_clients_route_and_api_wide_keys_share_one_slot() -> None:
+    counters = RedisCounters(Redis())
+    item = parse("20/minute")
+
+    route = counters.key(item, "ip:203.0.113.7", "POST /v1/stories")
+    api = counters.key(item, "ip:203.0.113.7", "*")
+
+    assert route != api
+    assert key_slot(route.encode()) == key_slot(api.encode())
+
+
+@pytest.mark.redis
+async def test_route_and_api_wide_limits_count_in_one_script_call(
+    redis_client: Redis, redis_url: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        counters = RedisCounters(client)
+        items = [parse("5/minute"), parse("2/minute")]
+        first = await counters.hit(items, "ip:1", ["GET /x", "*"])
+        elsewhere = await counters.hit(items, "ip:1", ["GET /y", "*"])
+        third = await counters.hit(items, "ip:1", ["GET /z", "*"])
+    finally:
+        await client.aclose()
+
+    # Each route counted apart, the API-wide window shared by all three.
+    assert [r.remaining for r in first] == [4, 1]
+    assert [r.remaining for r in elsewhere] == [4, 0]
+    assert [r.allowed for r in third] == [True, False]
 
 
 def test_different_clients_of_one_route_get_different_hash_tags() -> None:

@@ -50,9 +50,22 @@ class WindowResult:
         return max(1, math.ceil(self.reset_at - now))
 
 
+#: What a limit counts: one scope for every item of a call (a route), or one per item
+#: (a route's limits and the client's limit across the API, counted together).
+Scope = str | Sequence[str]
+
+
+def scopes_of(items: Sequence[RateLimitItem], scope: Scope) -> list[str]:
+    if isinstance(scope, str):
+        return [scope] * len(items)
+    if len(scope) != len(items):
+        raise ValueError("one scope per item, or one for all")
+    return list(scope)
+
+
 class Counters(Protocol):
     async def hit(
-        self, items: Sequence[RateLimitItem], client: str, scope: str
+        self, items: Sequence[RateLimitItem], client: str, scope: Scope
     ) -> list[WindowResult]: ...
 
 
@@ -64,12 +77,12 @@ class InProcessCounters:
         self.strategy = FixedWindowRateLimiter(self.storage)
 
     async def hit(
-        self, items: Sequence[RateLimitItem], client: str, scope: str
+        self, items: Sequence[RateLimitItem], client: str, scope: Scope
     ) -> list[WindowResult]:
         results: list[WindowResult] = []
-        for item in items:
-            allowed = await self.strategy.hit(item, client, scope)
-            reset_at, remaining = await self.strategy.get_window_stats(item, client, scope)
+        for item, item_scope in zip(items, scopes_of(items, scope), strict=True):
+            allowed = await self.strategy.hit(item, client, item_scope)
+            reset_at, remaining = await self.strategy.get_window_stats(item, client, item_scope)
             results.append(WindowResult(item, allowed, remaining, reset_at))
         return results
 
@@ -106,9 +119,10 @@ async def preload_rate_limit_script(redis: Redis) -> None:
 class RedisCounters:
     """Fixed windows in Redis, shared by every process: one script call per request.
 
-    Keys read `story:ratelimit:{<client>|<route>}:<amount>/<multiples>/<unit>`: the
-    part in braces is a Redis Cluster hash tag, so the keys of every limit of one
-    route and client, which one script call touches together, live in one slot.
+    Keys read `story:ratelimit:{<client>}:<scope>:<amount>/<multiples>/<unit>`: the
+    part in braces is a Redis Cluster hash tag, so every key of one client (its
+    route's limits and its limit across the API, which one script call touches
+    together) lives in one slot.
     """
 
     KEY_PREFIX = "story:ratelimit:"
@@ -119,12 +133,15 @@ class RedisCounters:
 
     def key(self, item: RateLimitItem, client: str, scope: str) -> str:
         window = f"{item.amount}/{item.multiples}/{item.GRANULARITY.name}"
-        return f"{self.KEY_PREFIX}{{{_tag_text(client)}|{_tag_text(scope)}}}:{window}"
+        return f"{self.KEY_PREFIX}{{{_tag_text(client)}}}:{_tag_text(scope)}:{window}"
 
     async def hit(
-        self, items: Sequence[RateLimitItem], client: str, scope: str
+        self, items: Sequence[RateLimitItem], client: str, scope: Scope
     ) -> list[WindowResult]:
-        keys = [self.key(item, client, scope) for item in items]
+        keys = [
+            self.key(item, client, item_scope)
+            for item, item_scope in zip(items, scopes_of(items, scope), strict=True)
+        ]
         reply = await self._script(keys=keys, args=[1, *(item.get_expiry() for item in items)])
         now = time.time()
         results: list[WindowResult] = []
@@ -185,7 +202,7 @@ class FailoverCounters:
         return None if error is None else describe_error(error)
 
     async def hit(
-        self, items: Sequence[RateLimitItem], client: str, scope: str
+        self, items: Sequence[RateLimitItem], client: str, scope: Scope
     ) -> list[WindowResult]:
         redis = self.redis
         if redis is None:

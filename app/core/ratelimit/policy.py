@@ -12,9 +12,11 @@ routers. Here the check is a route dependency,
 counting is `app.core.ratelimit.counters`' (one Redis round trip within a
 budget, shared by every worker and replica; in this process while Redis fails).
 
-Limits apply per client and per route (method and path template): a route's own
-limit from settings (`RATE_LIMIT_CREATE_STORY`, `RATE_LIMIT_ROUTES`), else a
-`@limiter.limit` decorator on its endpoint, else `RATE_LIMIT_DEFAULT`. Health
+Limits apply per client across the API (`RATE_LIMIT_PER_CLIENT`: every route
+counted together), and per client and route beneath it (method and path
+template): a route's own limit from settings (`RATE_LIMIT_CREATE_STORY`,
+`RATE_LIMIT_ROUTES`), else a `@limiter.limit` decorator on its endpoint, else
+`RATE_LIMIT_DEFAULT`. Both are counted in one call to the counters. Health
 probes and `/metrics` are never limited. Every limited response carries
 `X-RateLimit-Limit`, `-Remaining` and `-Reset` (Unix time, seconds); a refused
 one is `429 application/problem+json` with `Retry-After` too. `RateLimitMiddleware`
@@ -108,6 +110,7 @@ class RateLimitPolicy:
         self.counters = counters
         self.limiter = rate_limiter
         self.default = parse_many(settings.default)
+        self.per_client = parse_many(settings.per_client)
         self.by_route = {route: parse_many(v) for route, v in settings.route_limits().items()}
 
     def limits_for(self, request: Request, template: str) -> list[RateLimitItem]:
@@ -128,11 +131,17 @@ class RateLimitPolicy:
         template = getattr(request.scope.get("route"), "path", None)
         if not self.enabled or template is None or is_operational_path(request.url.path):
             return
-        items = self.limits_for(request, template)
-        if not items:
-            return
-        results = await self.counters.hit(items, key, f"{request.method} {template}")
-        refused = next((r for r in results if not r.allowed), None)
+        route = self.limits_for(request, template)
+        if not route:
+            return  # exempt (or no limit at all): not counted against the client either
+        # The route's own limits and the client's limit across the API, in one call.
+        items = [*route, *self.per_client]
+        scopes = [f"{request.method} {template}"] * len(route) + [ACROSS_THE_API] * len(
+            self.per_client
+        )
+        results = await self.counters.hit(items, key, scopes)
+        refused_at = next((i for i, r in enumerate(results) if not r.allowed), None)
+        refused = None if refused_at is None else results[refused_at]
         shown = refused or min(results, key=lambda r: r.remaining)
         headers = {
             "X-RateLimit-Limit": str(shown.item.amount),
@@ -144,9 +153,14 @@ class RateLimitPolicy:
             return
         record_rate_limited(template)
         retry_after = refused.retry_after(time.time())
+        where = (
+            "to this endpoint"
+            if refused_at is not None and refused_at < len(route)
+            else ("across the API")
+        )
         raise RateLimitedError(
             f"This client may make {refused.item.amount} requests per "
-            f"{_window_text(refused.item)} to this endpoint. Retry in {retry_after} s.",
+            f"{_window_text(refused.item)} {where}. Retry in {retry_after} s.",
             headers={**headers, "Retry-After": str(retry_after)},
         )
 
@@ -155,6 +169,9 @@ def _window_text(item: RateLimitItem) -> str:
     unit = item.GRANULARITY.name
     return unit if item.multiples == 1 else f"{item.multiples} {unit}s"
 
+
+#: The scope of the client's limit across the API (`RATE_LIMIT_PER_CLIENT`).
+ACROSS_THE_API = "*"
 
 #: Request-state entries: the client key `RateLimitMiddleware` worked out, and the
 #: headers the check leaves for the middleware to put on the response.

@@ -24,12 +24,14 @@ def _limit_string(value: str) -> str:
 
 
 class RateLimitSettings(BaseSettings):
-    """Per-client request limits, counted per route (`RATE_LIMIT_*`)."""
+    """Per-client request limits: across the API, and per route beneath it (`RATE_LIMIT_*`)."""
 
     model_config = settings_group("RATE_LIMIT_")
 
     enabled: bool = True
-    # Applies to every API route without a limit of its own.
+    # Every API request of one client, whatever the route: its budget across the API.
+    per_client: str = "100/minute"
+    # Applies to every API route without a limit of its own (beneath `per_client`).
     default: str = "100/minute"
     # POST /v1/stories calls paid upstreams: tighter than reads.
     create_story: str = "20/minute"
@@ -40,7 +42,7 @@ class RateLimitSettings(BaseSettings):
     # After Redis failed, how long to count in memory before trying Redis again.
     redis_retry_seconds: float = Field(default=5.0, gt=0)
 
-    @field_validator("default", "create_story")
+    @field_validator("per_client", "default", "create_story")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
         return _limit_string(value)
