@@ -44,7 +44,7 @@ from app.db.deferred import DeferredRepository
 from app.db.postgres import PostgresStoryRepository
 from app.db.repository import StoryRepository
 from app.db.sqlite import SqliteStoryRepository
-from app.platform.background import stop_task
+from app.platform.background import every, stop_task
 from app.platform.config import Settings
 from app.platform.logs import configure_logging
 from app.platform.maintenance import MaintenanceSwitch
@@ -184,16 +184,11 @@ async def warm_redis(redis: aioredis.Redis, *, connections: int) -> None:
         logger.warning("redis did not answer at start", extra={"error": repr(error)})
 
 
-async def _purge_expired_keys(repository: StoryRepository, every_seconds: float = 3600) -> None:
-    """Deletes expired Idempotency-Keys now and then; a failure waits for the next round."""
-    while True:
-        try:
-            purged = await repository.purge_expired_keys(datetime.now(UTC))
-            if purged:
-                logger.info("expired idempotency keys purged", extra={"count": purged})
-        except Exception as error:
-            logger.warning("idempotency key purge failed", extra={"error": repr(error)})
-        await asyncio.sleep(every_seconds)
+async def _purge_expired_keys(repository: StoryRepository) -> None:
+    """Deletes expired Idempotency-Keys (run hourly by `every`)."""
+    purged = await repository.purge_expired_keys(datetime.now(UTC))
+    if purged:
+        logger.info("expired idempotency keys purged", extra={"count": purged})
 
 
 async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -> AppState:
@@ -262,7 +257,15 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
             wait_seconds=settings.idempotency_wait_seconds,
         ),
     )
-    purger = asyncio.create_task(_purge_expired_keys(repository), name="purge-keys")
+    purger = asyncio.create_task(
+        every(
+            3600,
+            lambda: _purge_expired_keys(repository),
+            what="idempotency key purge",
+            at_once=True,
+        ),
+        name="purge-keys",
+    )
     stack.push_async_callback(stop_task, purger)
 
     # Operations: error reporting, rate limits, maintenance, system figures, drain.

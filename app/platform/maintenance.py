@@ -21,7 +21,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from app.platform.background import stop_task
+from app.platform.background import every, stop_task
 from app.platform.config import MaintenanceSettings
 from app.platform.metrics import record_dependency_error, record_maintenance
 
@@ -84,13 +84,11 @@ class MaintenanceSwitch:
         if redis is None:
             return
         await self.refresh()
-        self._task = asyncio.create_task(self._poll(), name="maintenance-flag")
+        self._task = asyncio.create_task(
+            every(self.refresh_seconds, self.refresh, what="maintenance flag read"),
+            name="maintenance-flag",
+        )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         await stop_task(task)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_seconds)
-            await self.refresh()

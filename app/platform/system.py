@@ -16,17 +16,14 @@ the host (`basis == "host"`).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from app.platform.background import stop_task
+from app.platform.background import every, stop_task
 from app.platform.metrics import record_system
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +171,14 @@ class SystemMonitor:
         # The first cpu_percent(interval=None) has nothing to compare with and says 0.0;
         # this reading primes it and the loop's next one is meaningful.
         await asyncio.to_thread(self.sample)
-        self._task = asyncio.create_task(self._run(), name="system-monitor")
+        self._task = asyncio.create_task(
+            every(self.interval_seconds, self._sample_in_thread, what="system sample"),
+            name="system-monitor",
+        )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         await stop_task(task)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_seconds)
-            try:
-                await asyncio.to_thread(self.sample)
-            except Exception as error:  # a failed reading waits for the next one
-                logger.warning("system sample failed", extra={"error": repr(error)})
+    async def _sample_in_thread(self) -> None:
+        await asyncio.to_thread(self.sample)
