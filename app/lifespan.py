@@ -197,8 +197,11 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
     stack.push_async_callback(repository.close)
 
     redis = redis_from_settings(settings)
+    # The check runner's budget ends a check's wait and says so ("no answer
+    # within 2 s"); the client's own timeouts sit above it, so the two never race
+    # and only bound how long an abandoned check lingers.
     health_redis = redis_from_settings(
-        settings, timeout_seconds=settings.health.check_timeout_seconds, max_connections=2
+        settings, timeout_seconds=2 * settings.health.check_timeout_seconds, max_connections=2
     )
     if health_redis is not None:
         stack.push_async_callback(health_redis.aclose)
