@@ -154,13 +154,15 @@ async def test_missing_required_fields_are_all_named(settings_for: SettingsFacto
     assert sorted(e["field"] for e in body["errors"]) == ["age", "prompt"]
 
 
-async def test_a_body_that_is_not_json_is_a_422(settings_for: SettingsFactory) -> None:
+async def test_a_body_that_is_not_json_is_a_400(settings_for: SettingsFactory) -> None:
     async with serve(settings_for()) as client:
         response = await client.post(
             "/v1/stories", content=b"{not json", headers={"content-type": "application/json"}
         )
 
-    assert_problem(response, 422)
+    body = assert_problem(response, 400)
+    assert body["type"].endswith("/malformed-request")
+    assert body["errors"][0]["field"] == "body"
 
 
 async def test_an_oversized_body_is_a_413_problem(settings_for: SettingsFactory) -> None:
