@@ -1,17 +1,22 @@
 """Builds the providers that have keys, each wrapped in its resilience guard.
 
-One breaker per upstream operation (`openai:chat`, `openai:moderation`,
-`replicate:text`, `replicate:image`), one bulkhead per upstream (`openai`,
-`replicate`), one retry budget shared by all. OpenAI's moderation endpoint (the
-content check, `MODERATION_MODE=openai`) shares OpenAI's bulkhead and retry
-policy and has a breaker of its own. Breaker state lives in Redis when it is configured (with
-an in-process fallback within the Redis budget), in-process otherwise.
+One breaker and one bulkhead per upstream operation (`openai:chat`,
+`openai:moderation`, `replicate:text`, `replicate:image`): each bulkhead's limit
+follows its own operation's latency (a moderation check and a story differ by
+tens of times), between `RESILIENCE_CONCURRENCY_MIN` and the provider's ceiling
+(`OPENAI_MAX_CONCURRENCY`, `REPLICATE_MAX_CONCURRENCY`). One retry budget shared
+by all. One quota governor per provider account when its quota is set
+(`OPENAI_REQUESTS_PER_MINUTE`, `OPENAI_TOKENS_PER_MINUTE`,
+`REPLICATE_REQUESTS_PER_MINUTE`), for story and image calls (OpenAI's moderation
+endpoint is free and limited apart). Breaker state and quotas live in Redis when
+it is configured (with an in-process fallback within the Redis budget),
+in-process otherwise.
 """
 
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -19,6 +24,10 @@ from app.core.resilience import (
     BreakerStore,
     Bulkhead,
     CircuitBreaker,
+    GradientLimit,
+    QuotaGovernor,
+    QuotaLimits,
+    RedisBuckets,
     ResilienceObserver,
     RetryBudget,
     RetryPolicy,
@@ -28,6 +37,7 @@ from app.core.resilience.stores import (
     InMemoryBreakerStore,
     RedisBreakerStore,
 )
+from app.platform import metrics
 from app.platform.config import BREAKER_NAMES, Settings
 from app.platform.redis import RedisGate
 from app.providers.base import ContentModerator, IllustrationProvider, StoryProvider
@@ -54,8 +64,81 @@ class Upstreams:
     illustrator: IllustrationProvider | None
     breakers: dict[str, CircuitBreaker]
     breaker_store: BreakerStore
+    bulkheads: dict[str, Bulkhead] = field(default_factory=dict)
+    quotas: dict[str, QuotaGovernor] = field(default_factory=dict)
     # OpenAI's moderation endpoint behind its guard; None without a key or in local mode.
     moderator: ContentModerator | None = None
+
+
+class AdmissionRecorder:
+    """An `AdmissionEvents`: the admission gauges and shed counter."""
+
+    def shed(self, name: str, reason: str) -> None:
+        metrics.ADMISSION_SHED.labels(name, reason).inc()
+
+    def changed(self, name: str, limit: int, in_flight: int, queued: int) -> None:
+        metrics.ADMISSION_LIMIT.labels(name).set(limit)
+        metrics.ADMISSION_IN_FLIGHT.labels(name).set(in_flight)
+        metrics.ADMISSION_QUEUED.labels(name).set(queued)
+
+
+class QuotaRecorder:
+    """A `QuotaEvents`: waits, refusals and the storage of the quotas."""
+
+    def waited(self, name: str, seconds: float) -> None:
+        metrics.QUOTA_WAITS.labels(name).inc()
+
+    def refused(self, name: str, reason: str) -> None:
+        metrics.QUOTA_REFUSALS.labels(name, reason).inc()
+
+    def storage(self, name: str, degraded: bool, redis_error: bool) -> None:
+        if degraded and redis_error:
+            metrics.record_dependency_error("redis", "quota")
+        metrics.QUOTA_STORAGE_DEGRADED.labels(name).set(1 if degraded else 0)
+
+
+def build_bulkhead(
+    settings: Settings, name: str, ceiling: int, observer: ResilienceObserver
+) -> Bulkhead:
+    """The admission of one upstream operation: an adaptive limit under `ceiling`, a
+    queue of `RESILIENCE_QUEUE_MAX` in which callers wait as their deadline allows."""
+    res = settings.resilience
+    floor = min(res.concurrency_min, ceiling)
+    limit = GradientLimit(
+        initial=min(max(res.concurrency_initial, floor), ceiling),
+        min_limit=floor,
+        max_limit=ceiling,
+        tolerance=res.concurrency_latency_tolerance,
+    )
+    return Bulkhead(
+        name,
+        limit,
+        max_wait_seconds=None,
+        max_queue=res.queue_max,
+        observer=observer,
+        events=AdmissionRecorder(),
+    )
+
+
+def quota_for(
+    settings: Settings,
+    provider: str,
+    limits: QuotaLimits,
+    redis: aioredis.Redis | None,
+    gate: RedisGate | None,
+) -> QuotaGovernor | None:
+    """The governor of one provider account; None when no quota is set."""
+    if not limits.any:
+        return None
+    return QuotaGovernor(
+        provider,
+        limits,
+        redis=RedisBuckets(redis) if redis is not None else None,
+        budget_seconds=settings.redis.socket_timeout_ms / 1000,
+        gate=gate,
+        local_share=settings.resilience.quota_local_share,
+        events=QuotaRecorder(),
+    )
 
 
 def breaker_store_for(
@@ -98,14 +181,26 @@ async def build_upstreams(
         for name in BREAKER_NAMES
         for cfg in [res.breaker(name)]
     }
+    ceilings = {
+        "openai": settings.openai.max_concurrency,
+        "replicate": settings.replicate.max_concurrency,
+    }
     bulkheads = {
-        name: Bulkhead(
-            name,
-            res.bulkhead_max_concurrent,
-            res.bulkhead_max_wait_seconds,
-            observer=observer,
-        )
-        for name in ("openai", "replicate")
+        name: build_bulkhead(settings, name, ceilings[name.split(":")[0]], observer)
+        for name in BREAKER_NAMES
+    }
+    oa, rp = settings.openai, settings.replicate
+    quotas = {
+        "openai": quota_for(
+            settings,
+            "openai",
+            QuotaLimits(oa.requests_per_minute, oa.tokens_per_minute),
+            redis,
+            redis_gate,
+        ),
+        "replicate": quota_for(
+            settings, "replicate", QuotaLimits(rp.requests_per_minute), redis, redis_gate
+        ),
     }
     policy = RetryPolicy(
         max_retries=res.retry_max_retries,
@@ -117,14 +212,16 @@ async def build_upstreams(
     )
 
     def guard(provider: str, operation: str, floor_seconds: float = 0.0) -> Guard:
+        name = f"{provider}:{operation}"
         return Guard(
             provider=provider,
             operation=operation,
-            breaker=breakers[f"{provider}:{operation}"],
-            bulkhead=bulkheads[provider],
+            breaker=breakers[name],
+            bulkhead=bulkheads[name],
             policy=policy,
             record=record_call,
             floor_seconds=floor_seconds,
+            quota=None if operation == "moderation" else quotas[provider],
         )
 
     story_providers: list[StoryProvider] = []
@@ -172,5 +269,7 @@ async def build_upstreams(
         illustrator=illustrator,
         breakers=breakers,
         breaker_store=store,
+        bulkheads=bulkheads,
+        quotas={name: quota for name, quota in quotas.items() if quota is not None},
         moderator=moderator,
     )

@@ -125,7 +125,8 @@ async def test_a_full_bulkhead_sends_the_overflow_down_the_ladder_at_once(
         sqlite_path=tmp_path / "s.db",
         openai_base_url=fake_openai.openai_base_url,
         request_deadline_seconds=3.0,
-        resilience=resilience(bulkhead_max_concurrent=1, bulkhead_max_wait_seconds=0),
+        # A limit of one (no sample arrives while the first call hangs) and no queue.
+        resilience=resilience(concurrency_min=1, concurrency_initial=1, queue_max=0),
     )
     async with serve(settings) as client:
         slow = asyncio.create_task(client.post("/v1/stories", json=STORY_BODY))

@@ -4,8 +4,11 @@ Every guard an upstream call passes through lives in this package, one module
 each: the request's `Deadline` (`deadline`), a `RetryPolicy` bounded by attempts,
 the deadline and a per-upstream `RetryBudget` (`retry`), a `CircuitBreaker`
 (`breaker`) whose state lives in a store (`stores`: in-process, Redis, or Redis
-with an in-process fallback), a `Bulkhead` bounding concurrency (`bulkhead`), and
-`graceful_degradation` turning a failure into a cheap local answer (`fallback`).
+with an in-process fallback), a `Bulkhead` admitting calls up to a limit that
+follows the upstream (`adaptive`: `GradientLimit`) with a deadline-bounded queue
+(`bulkhead`), a `QuotaGovernor` spending an upstream account's requests and
+tokens per minute across the fleet (`quota`), and `graceful_degradation` turning
+a failure into a cheap local answer (`fallback`).
 What they do is reported to a `ResilienceObserver` (`observer`); what they raise
 is in `errors`. Time is an injected `app.platform.clock.Clock` and sleeping an
 injected `Sleep`, so tests drive every state machine with the doubles in
@@ -24,6 +27,7 @@ retries at once because neither error is retryable)::
         story = await policy.call(attempt)
 """
 
+from app.core.resilience.adaptive import ConcurrencyLimit, FixedLimit, GradientLimit, Sample
 from app.core.resilience.breaker import (
     Admission,
     BreakerConfig,
@@ -34,12 +38,13 @@ from app.core.resilience.breaker import (
     Transition,
     default_is_failure,
 )
-from app.core.resilience.bulkhead import Bulkhead
+from app.core.resilience.bulkhead import SHED_REASONS, AdmissionEvents, AdmissionPermit, Bulkhead
 from app.core.resilience.deadline import Deadline, current_deadline, deadline_scope, run_within
 from app.core.resilience.errors import (
     BulkheadFullError,
     CircuitOpenError,
     DeadlineExceededError,
+    QuotaExhaustedError,
     ResilienceError,
 )
 from app.core.resilience.fallback import graceful_degradation
@@ -51,6 +56,13 @@ from app.core.resilience.observer import (
     NullObserver,
     ResilienceObserver,
     notify_observer,
+)
+from app.core.resilience.quota import (
+    QuotaEvents,
+    QuotaGovernor,
+    QuotaLimits,
+    RedisBuckets,
+    Reservation,
 )
 from app.core.resilience.retry import (
     RetryBudget,
@@ -64,8 +76,11 @@ from app.platform.clock import SYSTEM_CLOCK, Clock, SystemClock
 
 __all__ = [
     "DEFAULT_OBSERVER",
+    "SHED_REASONS",
     "SYSTEM_CLOCK",
     "Admission",
+    "AdmissionEvents",
+    "AdmissionPermit",
     "BreakerConfig",
     "BreakerSnapshot",
     "BreakerState",
@@ -76,15 +91,25 @@ __all__ = [
     "CircuitOpenError",
     "Clock",
     "CompositeObserver",
+    "ConcurrencyLimit",
     "Deadline",
     "DeadlineExceededError",
+    "FixedLimit",
+    "GradientLimit",
     "LoggingObserver",
     "NullObserver",
     "Permit",
+    "QuotaEvents",
+    "QuotaExhaustedError",
+    "QuotaGovernor",
+    "QuotaLimits",
+    "RedisBuckets",
+    "Reservation",
     "ResilienceError",
     "ResilienceObserver",
     "RetryBudget",
     "RetryPolicy",
+    "Sample",
     "Sleep",
     "SystemClock",
     "Transition",

@@ -5,7 +5,9 @@ so that retries and breakers treat them uniformly with upstream errors::
 
     ResilienceError                  root; retryable=False, counts_as_failure=False
      +-- CircuitOpenError            the breaker refused the call (retry_after: seconds)
-     +-- BulkheadFullError           no concurrency slot within the wait (retry_after)
+     +-- BulkheadFullError           no concurrency slot within the wait (retry_after, reason)
+     +-- QuotaExhaustedError         the upstream account's quota is spent for longer than
+                                     the caller may wait (retry_after, reason)
      +-- DeadlineExceededError       the request's deadline ran out
 
 None of them counts against a circuit breaker: the upstream never answered. An
@@ -18,6 +20,7 @@ __all__ = [
     "BulkheadFullError",
     "CircuitOpenError",
     "DeadlineExceededError",
+    "QuotaExhaustedError",
     "ResilienceError",
 ]
 
@@ -42,10 +45,23 @@ class CircuitOpenError(ResilienceError):
 class BulkheadFullError(ResilienceError):
     retry_after: float
 
-    def __init__(self, name: str, retry_after: float = 1.0) -> None:
-        super().__init__(f"bulkhead {name!r} is full; retry in {retry_after:.1f} s")
+    def __init__(self, name: str, retry_after: float = 1.0, *, reason: str = "full") -> None:
+        super().__init__(f"bulkhead {name!r} is full ({reason}); retry in {retry_after:.1f} s")
         self.name = name
         self.retry_after = retry_after
+        self.reason = reason
+
+
+class QuotaExhaustedError(ResilienceError):
+    retry_after: float
+
+    def __init__(self, name: str, retry_after: float, *, reason: str) -> None:
+        super().__init__(
+            f"quota of {name!r} spent ({reason}); next call possible in {retry_after:.1f} s"
+        )
+        self.name = name
+        self.retry_after = retry_after
+        self.reason = reason
 
 
 class DeadlineExceededError(ResilienceError):

@@ -123,7 +123,8 @@ class LoggingObserver:
         self._log.warning("%s: retry budget exhausted; not retrying", name)
 
     def bulkhead_rejected(self, name: str) -> None:
-        self._log.warning("bulkhead %s is full; call rejected", name)
+        # The bulkhead logs each shed itself, with its reason and rate-limited.
+        self._log.debug("bulkhead %s is full; call rejected", name)
 
     def fallback(self, name: str, error: BaseException) -> None:
         self._log.warning("%s failed (%r); using its fallback", name, error)

@@ -12,7 +12,7 @@ BREAKER_NAMES = ("openai:chat", "openai:moderation", "replicate:text", "replicat
 
 
 class ResilienceSettings(BaseSettings):
-    """Circuit breakers, retries and bulkheads around every upstream call."""
+    """Circuit breakers, retries, admission and quotas around every upstream call."""
 
     model_config = settings_group("RESILIENCE_")
 
@@ -31,8 +31,20 @@ class ResilienceSettings(BaseSettings):
     retry_after_ceiling_seconds: float = Field(default=10.0, ge=0)
     # Retries may be at most this share of recent first attempts, per upstream.
     retry_budget_ratio: float = Field(default=0.2, ge=0)
-    bulkhead_max_concurrent: int = Field(default=64, ge=1)
-    bulkhead_max_wait_seconds: float = Field(default=0.5, ge=0)
+    # Admission per upstream operation and process (docs/resilience.md, "Admission"):
+    # a limit that follows the upstream's latency, between this minimum and the
+    # provider's ceiling (OPENAI_MAX_CONCURRENCY, REPLICATE_MAX_CONCURRENCY) ...
+    concurrency_min: int = Field(default=4, ge=1, le=10_000)
+    # ... starting here (high: an LLM's latency is its answer's length, not its load;
+    # the limit grows about x3 per round trip while in use, and shrinks on trouble) ...
+    concurrency_initial: int = Field(default=128, ge=1, le=10_000)
+    # ... and shrinking when the latency now exceeds this multiple of the baseline.
+    concurrency_latency_tolerance: float = Field(default=1.5, ge=1.0, le=10.0)
+    # Callers waiting for a slot (each as long as its deadline allows); more are shed.
+    queue_max: int = Field(default=1000, ge=0, le=100_000)
+    # With Redis failing, the share of each provider quota (OPENAI_REQUESTS_PER_MINUTE,
+    # ...) one process spends on its own: about 1 / (workers x replicas).
+    quota_local_share: float = Field(default=0.25, gt=0, le=1)
     # The last rung of the ladder; off, a request nothing can serve gets 503.
     offline_fallback: bool = True
     # Time kept back from the upstream rungs for the cache, the offline storyteller
@@ -62,6 +74,15 @@ class ResilienceSettings(BaseSettings):
             if any(v <= 0 for v in changes.values()):
                 raise ValueError(f"breaker {name!r}: every value must be positive")
         return value
+
+    @model_validator(mode="after")
+    def _initial_above_minimum(self) -> ResilienceSettings:
+        if self.concurrency_initial < self.concurrency_min:
+            raise ValueError(
+                f"RESILIENCE_CONCURRENCY_INITIAL ({self.concurrency_initial}) is below "
+                f"RESILIENCE_CONCURRENCY_MIN ({self.concurrency_min})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _recovery_within_cap(self) -> ResilienceSettings:

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
 from app.platform.config.base import settings_group
+
+
+def _connections_follow_concurrency(data: Any, prefix: str) -> Any:
+    """`max_connections` unset: the concurrency ceiling; set below it: refused (a
+    call admitted by the bulkhead would wait for a connection, and its wait would
+    read as upstream latency)."""
+    if not isinstance(data, dict):
+        return data
+    ceiling = data.get("max_concurrency")
+    connections = data.get("max_connections")
+    if connections in (None, ""):
+        data = {**data, "max_connections": ceiling if ceiling not in (None, "") else None}
+        if data["max_connections"] is None:
+            data.pop("max_connections")
+    elif ceiling not in (None, "") and int(connections) < int(ceiling):
+        raise ValueError(
+            f"{prefix}MAX_CONNECTIONS ({connections}) is below {prefix}MAX_CONCURRENCY "
+            f"({ceiling}): leave it unset to follow the ceiling, or raise it"
+        )
+    return data
 
 
 class OpenAISettings(BaseSettings):
@@ -18,7 +38,13 @@ class OpenAISettings(BaseSettings):
     model: str = "gpt-4o-mini"
     connect_timeout_seconds: float = Field(default=3.0, gt=0)
     read_timeout_seconds: float = Field(default=20.0, gt=0)
-    max_connections: int = Field(default=100, ge=1)
+    # The hard ceiling of the adaptive concurrency limit of each OpenAI operation,
+    # per process; the connection pool follows it unless OPENAI_MAX_CONNECTIONS is set.
+    max_concurrency: int = Field(default=512, ge=1, le=10_000)
+    max_connections: int = Field(default=512, ge=1)
+    # The account's quota, spent by the whole fleet through Redis (unset: no governor).
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
     # The least time worth giving OpenAI, near its p99 latency: the rung is skipped
     # with less left, and an attempt cut after at least this long counts against its
     # circuit breaker (set it below the real latency and a healthy upstream opens).
@@ -27,6 +53,20 @@ class OpenAISettings(BaseSettings):
     @property
     def configured(self) -> bool:
         return self.api_key is not None and bool(self.api_key.get_secret_value())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _connections(cls, data: Any) -> Any:
+        return _connections_follow_concurrency(data, "OPENAI_")
+
+    @model_validator(mode="after")
+    def _pool_holds_the_ceiling(self) -> OpenAISettings:
+        if self.max_connections < self.max_concurrency:
+            raise ValueError(
+                f"OPENAI_MAX_CONNECTIONS ({self.max_connections}) is below "
+                f"OPENAI_MAX_CONCURRENCY ({self.max_concurrency})"
+            )
+        return self
 
 
 class ReplicateSettings(BaseSettings):
@@ -41,13 +81,32 @@ class ReplicateSettings(BaseSettings):
     prediction_timeout_seconds: float = Field(default=25.0, gt=0)
     connect_timeout_seconds: float = Field(default=3.0, gt=0)
     read_timeout_seconds: float = Field(default=20.0, gt=0)
+    # As OPENAI_MAX_CONCURRENCY (a prediction holds no connection while it waits,
+    # but creates and polls share the pool).
+    max_concurrency: int = Field(default=50, ge=1, le=10_000)
     max_connections: int = Field(default=50, ge=1)
+    # Predictions created per minute, across the fleet (unset: no governor).
+    requests_per_minute: int | None = Field(default=None, ge=1)
     # As OPENAI_FLOOR_SECONDS, for the Replicate text model (create + polls).
     floor_seconds: float = Field(default=8.0, ge=0)
 
     @property
     def configured(self) -> bool:
         return self.api_token is not None and bool(self.api_token.get_secret_value())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _connections(cls, data: Any) -> Any:
+        return _connections_follow_concurrency(data, "REPLICATE_")
+
+    @model_validator(mode="after")
+    def _pool_holds_the_ceiling(self) -> ReplicateSettings:
+        if self.max_connections < self.max_concurrency:
+            raise ValueError(
+                f"REPLICATE_MAX_CONNECTIONS ({self.max_connections}) is below "
+                f"REPLICATE_MAX_CONCURRENCY ({self.max_concurrency})"
+            )
+        return self
 
 
 class ModerationSettings(BaseSettings):
