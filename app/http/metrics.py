@@ -1,12 +1,15 @@
-"""Request metrics: every HTTP request counted and timed by route template and status."""
+"""Request metrics: every HTTP request counted and timed by route template and status;
+and the rendered exposition `/metrics` serves (`RenderedMetrics`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.platform.metrics import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS
+from app.platform.metrics import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS, render_metrics
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "<unmatched>"
@@ -70,3 +73,44 @@ class MetricsMiddleware:
             code = str(status)
             HTTP_REQUESTS.labels(method, route, code).inc()
             HTTP_LATENCY.labels(method, route, code).observe(time.perf_counter() - started)
+
+
+class RenderedMetrics:
+    """The exposition, rendered at most once per `max_age_seconds`.
+
+    A scrape flood (several Prometheus servers, a misconfigured scraper, a
+    curl loop) then costs one render per interval, not one per request;
+    scrapes during a render share it. `max_age_seconds=0`: every scrape renders.
+    A page at most this old is what Prometheus expects of a target anyway: it
+    reads values, not the instant they were read at.
+    """
+
+    def __init__(
+        self,
+        max_age_seconds: float,
+        render: Callable[[], Awaitable[bytes]] = render_metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_age_seconds = max_age_seconds
+        self._render = render
+        self._clock = clock
+        self._page: bytes | None = None
+        self._rendered_at = 0.0
+        self._rendering: asyncio.Future[bytes] | None = None
+
+    async def page(self) -> bytes:
+        if self._page is not None and self._clock() - self._rendered_at < self.max_age_seconds:
+            return self._page
+        if self._rendering is None:
+            self._rendering = asyncio.ensure_future(self._render_once())
+        # Shielded: a scrape that gives up does not cancel the render others await.
+        return await asyncio.shield(self._rendering)
+
+    async def _render_once(self) -> bytes:
+        try:
+            page = await self._render()
+            self._page, self._rendered_at = page, self._clock()
+            return page
+        finally:
+            self._rendering = None

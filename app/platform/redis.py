@@ -16,6 +16,18 @@ way written here, `RedisBudget`:
   behind a closed gate makes a part degraded too, but it is not a failure of
   its own: it neither closes the gate again nor delays its next try.
 
+The budget measures Redis, not the event loop. A CPU-bound process runs its
+callbacks late: a reply that arrived in a millisecond may sit unread while the
+loop finishes other work, and a plain wall-clock timeout would then blame
+Redis, close the gate and make breaker state per-process although Redis is
+fine. So the budget's clock (`LoopFairDeadline`) gives back the time the loop
+was stalled past the deadline: when the deadline's timer itself runs late, the
+loop was busy, not Redis, and the deadline moves on by a short recheck, up to
+the gate's `lag_allowance_seconds` in all. A deadline whose timer runs on time
+ends the call as before. The client's own socket and pool timeouts are set
+above budget + allowance (`open_redis(lag_allowance_seconds=...)`), so they
+are only a backstop and never judge Redis by the loop's lag either.
+
 `open_redis` builds the client all of this needs: one that fails in milliseconds.
 redis-py's defaults (5 s socket timeouts, retries with backoff) would turn a
 silent Redis into many seconds per call, and no budget could help.
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -35,7 +48,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.platform.clock import SYSTEM_CLOCK, Clock
 
 __all__ = [
+    "DEFAULT_LAG_ALLOWANCE_SECONDS",
     "BudgetListener",
+    "LoopFairDeadline",
     "RedisBudget",
     "RedisGate",
     "RedisGateClosedError",
@@ -45,6 +60,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+# How much event-loop lag past a deadline is not held against Redis (REDIS_LOOP_LAG_ALLOWANCE_MS).
+DEFAULT_LAG_ALLOWANCE_SECONDS = 1.0
+
 
 def open_redis(
     url: str,
@@ -52,22 +70,28 @@ def open_redis(
     timeout_seconds: float,
     connect_timeout_seconds: float,
     max_connections: int,
+    lag_allowance_seconds: float = 0.0,
 ) -> aioredis.Redis:
-    """A client whose every wait is bounded by `timeout_seconds`.
+    """A client whose every wait is bounded by `timeout_seconds` (+ `lag_allowance_seconds`).
 
     One immediate retry on a *connection* error only: after a Redis restart the
     pooled sockets are dead, and the first use of each should reconnect rather
     than fail over; timeouts are never retried. A blocking pool: past
     `max_connections` a caller waits (within the same timeout) for a free
     connection instead of failing at once.
+
+    For a client used through `RedisBudget`, pass the gate's lag allowance: the
+    budget then judges Redis, and these wall-clock timeouts, which a stalled
+    event loop would trip although Redis answered, are only a backstop above it.
     """
+    backstop = timeout_seconds + lag_allowance_seconds
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
-        socket_timeout=timeout_seconds,
+        socket_timeout=backstop,
         socket_connect_timeout=max(connect_timeout_seconds, timeout_seconds),
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         max_connections=max_connections,
-        timeout=timeout_seconds,
+        timeout=backstop,
         health_check_interval=0,
     )
     return aioredis.Redis(connection_pool=pool)
@@ -76,8 +100,18 @@ def open_redis(
 class RedisGate:
     """This process's shared view of whether Redis answers (see the module's doc)."""
 
-    def __init__(self, cool_down_seconds: float = 1.0, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        cool_down_seconds: float = 1.0,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        lag_allowance_seconds: float = DEFAULT_LAG_ALLOWANCE_SECONDS,
+    ) -> None:
+        if lag_allowance_seconds < 0:
+            raise ValueError("lag_allowance_seconds must be >= 0")
         self.cool_down_seconds = cool_down_seconds
+        # Event-loop lag past a budget's deadline that is not held against Redis.
+        self.lag_allowance_seconds = lag_allowance_seconds
         self._clock = clock
         self._closed_until = 0.0
 
@@ -186,7 +220,9 @@ class RedisBudget:
             return await on_local(), False
         probe = self._probing = self._degraded
         try:
-            async with asyncio.timeout(self.budget_seconds):
+            async with LoopFairDeadline(
+                self.budget_seconds, lag_allowance_seconds=self.gate.lag_allowance_seconds
+            ):
                 result = await on_redis()
         except Exception as error:  # any Redis error or the budget: never the caller's
             self._fail(error, operation)
@@ -214,3 +250,86 @@ class RedisBudget:
         self.last_error = error
         self._retry_at = self._clock.monotonic() + self.retry_seconds
         self.listener.redis_failed(error, operation, first=first)
+
+
+class LoopFairDeadline:
+    """`asyncio.timeout(seconds)` that does not count the event loop's lag against the body.
+
+    The deadline's timer is the probe: if it runs more than `tolerance` after it
+    was due, the loop was stalled around the deadline (by other callbacks, not by
+    what the body awaits), and a reply may be waiting unread; the deadline then
+    moves to a short recheck instead of cancelling. Once the timer runs on time
+    while the body still waits, or `seconds + lag_allowance_seconds` have passed
+    in all, the body is cancelled (one loop turn later, so a reply read in that
+    same turn still wins) and `TimeoutError` raised, as `asyncio.timeout` does.
+    With `lag_allowance_seconds=0` it is exactly `asyncio.timeout(seconds)`.
+    """
+
+    def __init__(
+        self, seconds: float, *, lag_allowance_seconds: float, tolerance: float | None = None
+    ) -> None:
+        self.seconds = seconds
+        self.lag_allowance_seconds = lag_allowance_seconds
+        # Timers run a little late on any loop; a fifth of the budget is lag, not noise.
+        self.tolerance = tolerance if tolerance is not None else max(0.002, seconds / 5)
+        #: times the deadline moved on because the loop, not the body, was late
+        self.extensions = 0
+        self.expired = False
+        self._task: asyncio.Task[object] | None = None
+        self._handle: asyncio.Handle | None = None
+        self._cancelling = 0
+        self._due = 0.0
+        self._last_call = 0.0
+
+    async def __aenter__(self) -> LoopFairDeadline:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("LoopFairDeadline must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        now = loop.time()
+        self._due = now + self.seconds
+        self._last_call = self._due + self.lag_allowance_seconds
+        self._handle = loop.call_at(self._due, self._on_due)
+        return self
+
+    def _on_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = now - self._due
+        if late > self.tolerance and now < self._last_call:
+            # The loop was away: let it poll I/O once more before judging the body.
+            self.extensions += 1
+            self._due = min(now + self.tolerance, self._last_call)
+            self._handle = loop.call_at(self._due, self._on_due)
+            return
+        if self.lag_allowance_seconds > 0:
+            # One more turn first: a reply read in this very iteration wakes the
+            # body before the cancellation would (on loops that poll I/O first).
+            self._handle = loop.call_soon(self._expire)
+        else:  # no allowance: exactly asyncio.timeout
+            self._expire()
+
+    def _expire(self) -> None:
+        self._handle = None
+        self.expired = True
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if not self.expired:
+            return
+        assert self._task is not None
+        # Our cancellation, if it was delivered (some awaits swallow one that races
+        # with their own completion), becomes a TimeoutError as in asyncio.timeout.
+        if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc

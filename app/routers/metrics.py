@@ -1,8 +1,11 @@
 """`GET /metrics`: every metric in the Prometheus text format, for the scraper.
 
-Breaker states are read from their store just before rendering, so every worker
-reports the state they all share (see `app.platform.metrics.refresh_breaker_states`).
-Not rate limited, and served during maintenance.
+A scrape reads memory only, never Redis: breaker states are read from their
+(shared) store in the background every METRICS_BREAKER_REFRESH_SECONDS (see
+`app.platform.metrics.refresh_breaker_states`), and the rendered page is reused
+for METRICS_CACHE_SECONDS (`app.http.metrics.RenderedMetrics`), so a flood of
+scrapes costs one render per interval. Not rate limited, and served during
+maintenance.
 
 With `METRICS_TOKEN` set, a scrape must send `Authorization: Bearer <token>`
 (compared in constant time); anything else is a 401 problem+json, before any
@@ -19,13 +22,11 @@ from fastapi.responses import Response
 
 from app.dependencies import get_app_state
 from app.errors import UnauthorizedError
-from app.platform.metrics import CONTENT_TYPE, refresh_breaker_states, render_metrics
+from app.http.metrics import RenderedMetrics
+from app.platform.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 
-# Reading breaker states must not hold a scrape for long: a store that does not
-# answer in this time keeps the last value.
-_BREAKER_READ_SECONDS = 0.25
 _CHALLENGE = 'Bearer realm="metrics"'
 
 
@@ -45,5 +46,13 @@ async def metrics(request: Request) -> Response:
         raise UnauthorizedError(
             "Metrics need `Authorization: Bearer <METRICS_TOKEN>`.", challenge=_CHALLENGE
         )
-    await refresh_breaker_states(state.breakers, _BREAKER_READ_SECONDS)
-    return Response(await render_metrics(), media_type=CONTENT_TYPE)
+    return Response(await _rendered(request).page(), media_type=CONTENT_TYPE)
+
+
+def _rendered(request: Request) -> RenderedMetrics:
+    """This app's page cache (made at the first scrape, kept on `app.state`)."""
+    rendered = getattr(request.app.state, "rendered_metrics", None)
+    if not isinstance(rendered, RenderedMetrics):
+        max_age = get_app_state(request).settings.metrics_cache_seconds
+        rendered = request.app.state.rendered_metrics = RenderedMetrics(max_age)
+    return rendered

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -82,17 +83,66 @@ async def test_the_in_flight_gauge_counts_the_scrape_itself(tmp_path: Path) -> N
     assert sample(text, "story_http_requests_in_flight") >= 1
 
 
-async def test_breaker_states_are_read_from_the_breakers_at_scrape_time(tmp_path: Path) -> None:
-    settings = ops_settings(tmp_path, openai_base_url="http://127.0.0.1:9/v1")
+async def test_a_scrape_reads_breaker_states_from_memory_not_the_store(tmp_path: Path) -> None:
+    # One background read at start, none after: what a scrape shows is the gauge.
+    settings = ops_settings(
+        tmp_path,
+        openai_base_url="http://127.0.0.1:9/v1",
+        metrics_breaker_refresh_seconds=3600,
+        metrics_cache_seconds=0,
+    )
+    async with running(settings) as (app, client):
+        breaker = app.state.app_state.breakers["openai:chat"]
+        for _ in range(breaker.config.failure_threshold):
+            await breaker.record_failure(await breaker.acquire())
+        opened = (await client.get("/metrics")).text  # the transition set the gauge
+        metrics.set_breaker_state("openai:chat", BreakerState.CLOSED)  # a stale value
+        stale = (await client.get("/metrics")).text
+
+    assert sample(opened, "story_circuit_breaker_state", breaker="openai:chat", state="open") == 1
+    assert sample(stale, "story_circuit_breaker_state", breaker="openai:chat", state="closed") == 1
+
+
+async def test_breaker_states_are_refreshed_from_the_store_in_the_background(
+    tmp_path: Path,
+) -> None:
+    settings = ops_settings(
+        tmp_path,
+        openai_base_url="http://127.0.0.1:9/v1",
+        metrics_breaker_refresh_seconds=0.05,
+        metrics_cache_seconds=0,
+    )
     async with running(settings) as (app, client):
         breaker = app.state.app_state.breakers["openai:chat"]
         for _ in range(breaker.config.failure_threshold):
             await breaker.record_failure(await breaker.acquire())
         metrics.set_breaker_state("openai:chat", BreakerState.CLOSED)  # a stale value
-        text = (await client.get("/metrics")).text
+        for _ in range(400):  # bounded: the refresh runs every 0.05 s
+            text = (await client.get("/metrics")).text
+            if sample(text, "story_circuit_breaker_state", breaker="openai:chat", state="open"):
+                break
+            await asyncio.sleep(0.05)
 
     assert sample(text, "story_circuit_breaker_state", breaker="openai:chat", state="open") == 1
     assert sample(text, "story_circuit_breaker_state", breaker="openai:chat", state="closed") == 0
+
+
+async def test_a_rendered_page_is_reused_for_metrics_cache_seconds(tmp_path: Path) -> None:
+    labels = {"method": "GET", "route": "/v1/stories/{story_id}", "status": "404"}
+    missing = "/v1/stories/6f1c2c1e-9d4e-4c4b-9a59-2f3c4b5d6e70"
+    async with running(ops_settings(tmp_path, metrics_cache_seconds=3600)) as (_, client):
+        first = (await client.get("/metrics")).text
+        await client.get(missing)
+        cached = (await client.get("/metrics")).text
+    async with running(ops_settings(tmp_path, metrics_cache_seconds=0)) as (_, client):
+        before = (await client.get("/metrics")).text
+        await client.get(missing)
+        fresh = (await client.get("/metrics")).text
+
+    assert cached == first
+    assert sample(fresh, "story_http_requests_total", **labels) == (
+        sample(before, "story_http_requests_total", **labels) + 1
+    )
 
 
 async def test_process_and_system_figures_are_exported(tmp_path: Path) -> None:

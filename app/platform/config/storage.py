@@ -38,3 +38,8 @@ class RedisSettings(BaseSettings):
     socket_timeout_ms: int = Field(default=50, ge=1)
     connect_timeout_ms: int = Field(default=100, ge=1)
     max_connections: int = Field(default=50, ge=1)
+    # Event-loop lag past the budget's deadline that is not held against Redis: a
+    # CPU-bound worker reads a prompt reply late, and that is not Redis failing.
+    # The client's own socket timeouts sit above budget + this (a backstop). 0: a
+    # plain wall-clock budget.
+    loop_lag_allowance_ms: int = Field(default=1000, ge=0)
