@@ -10,6 +10,30 @@ from uuid import UUID
 
 
 @dataclass(frozen=True, slots=True)
+class StoredIllustration:
+    """The picture of a story: drawn in the background, kept in our object store.
+
+    `status` is `pending` (being drawn, or waiting for a worker), `ready` (checked,
+    stored under `key`: served by `GET /v1/stories/{id}/illustration`) or `failed`
+    (none will be: `error` says why). The picture's facts were read from its bytes.
+    """
+
+    status: str  # "pending" | "ready" | "failed"
+    key: str | None = None
+    media_type: str | None = None
+    size_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    attempts: int = 0
+    error: str | None = None
+
+    @property
+    def etag(self) -> str | None:
+        return f'"{self.sha256}"' if self.sha256 else None
+
+
+@dataclass(frozen=True, slots=True)
 class StoryRecord:
     """A stored story, with what it cost to make (for accounting later)."""
 
@@ -24,15 +48,18 @@ class StoryRecord:
     provider: str
     model: str
     degraded: bool
+    # Legacy: the upstream's URL (dead an hour after it was drawn); no longer written.
     illustration_url: str | None
     prompt_tokens: int
     completion_tokens: int
     generation_ms: int
     created_at: datetime
-    illustrate: bool = False  # asked for a picture (illustration_url None: none could be drawn)
+    illustrate: bool = False  # asked for a picture
     # The local word list, not OpenAI's moderation, passed the prompt or the text
     # (None: written before content checks existed).
     moderated_locally: bool | None = None
+    # Its picture (None: none asked for).
+    illustration: StoredIllustration | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from uuid import UUID
 
 from app.core.resilience import RetryPolicy
 from app.db.repository import StorageUnavailableError, StoryRepository
-from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
+from app.models import IdempotencyEntry, PageCursor, StoredIllustration, StoryPage, StoryRecord
 from app.platform.background import stop_task
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,43 @@ class DeferredRepository:
 
     async def purge_expired_keys(self, now: datetime) -> int:
         return await self._ready().purge_expired_keys(now)
+
+    async def claim_illustration(
+        self,
+        story_id: UUID,
+        *,
+        token: str,
+        now: datetime,
+        locked_until: datetime,
+        max_attempts: int,
+    ) -> StoryRecord | None:
+        return await self._ready().claim_illustration(
+            story_id, token=token, now=now, locked_until=locked_until, max_attempts=max_attempts
+        )
+
+    async def renew_illustration(self, story_id: UUID, token: str, locked_until: datetime) -> bool:
+        return await self._ready().renew_illustration(story_id, token, locked_until)
+
+    async def settle_illustration(
+        self,
+        story_id: UUID,
+        token: str,
+        illustration: StoredIllustration,
+        *,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        return await self._ready().settle_illustration(
+            story_id, token, illustration, retry_at=retry_at
+        )
+
+    async def pending_illustrations(self, now: datetime, limit: int) -> list[UUID]:
+        return await self._ready().pending_illustrations(now, limit)
+
+    async def give_up_illustrations(self, now: datetime, max_attempts: int) -> int:
+        return await self._ready().give_up_illustrations(now, max_attempts)
+
+    async def delete(self, story_id: UUID, owner: str) -> StoryRecord | None:
+        return await self._ready().delete(story_id, owner)
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
         return await self._ready().get(story_id, owner)

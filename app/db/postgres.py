@@ -13,28 +13,41 @@ from uuid import UUID
 import asyncpg
 
 from app.db.repository import (
+    CLAIM_ILLUSTRATION_SQL,
     CLAIM_SQL,
     DONE_SQL,
     ENTRY_COLUMNS,
+    GIVE_UP_ILLUSTRATIONS_SQL,
+    PENDING_ILLUSTRATIONS_SQL,
     RELEASE_SQL,
+    RENEW_ILLUSTRATION_SQL,
     RENEW_SQL,
+    SETTLE_SQL,
     STORY_COLUMNS,
     ClaimLostError,
     claim_or_read,
+    illustration_of,
+    illustration_values,
     migration_files,
     page_of,
+    settled_values,
     storage_errors,
 )
-from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
+from app.models import IdempotencyEntry, PageCursor, StoredIllustration, StoryPage, StoryRecord
 
 # Any fixed 64-bit number, the same in every replica.
 _MIGRATION_LOCK_ID = 0x53_54_4F_52_59_5F_4D_47  # "STORY_MG"
 
-_PLACEHOLDERS = {f"p{n}": f"${n}" for n in range(1, 8)}
+_PLACEHOLDERS = {f"p{n}": f"${n}" for n in range(1, 12)}
 _CLAIM = CLAIM_SQL.format(**_PLACEHOLDERS)
 _RENEW = RENEW_SQL.format(**_PLACEHOLDERS)
 _RELEASE = RELEASE_SQL.format(**_PLACEHOLDERS)
 _DONE = DONE_SQL.format(**_PLACEHOLDERS)
+_CLAIM_ILLUSTRATION = CLAIM_ILLUSTRATION_SQL.format(**_PLACEHOLDERS)
+_RENEW_ILLUSTRATION = RENEW_ILLUSTRATION_SQL.format(**_PLACEHOLDERS)
+_SETTLE = SETTLE_SQL.format(**_PLACEHOLDERS)
+_PENDING_ILLUSTRATIONS = PENDING_ILLUSTRATIONS_SQL.format(**_PLACEHOLDERS)
+_GIVE_UP_ILLUSTRATIONS = GIVE_UP_ILLUSTRATIONS_SQL.format(**_PLACEHOLDERS)
 
 _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
@@ -66,6 +79,7 @@ def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
         created_at=row["created_at"],
         illustrate=row["illustrate"],
         moderated_locally=row["moderated_locally"],
+        illustration=illustration_of(row),
     )
 
 
@@ -186,7 +200,8 @@ class PostgresStoryRepository:
     async def _insert(conn: asyncpg.Connection, story: StoryRecord) -> None:
         await conn.execute(
             f"INSERT INTO stories ({STORY_COLUMNS}) VALUES "  # noqa: S608 - constant column list
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, "
+            "$19, $20, $21, $22, $23, $24, $25, $26, $27)",
             story.id,
             story.owner,
             story.title,
@@ -205,7 +220,55 @@ class PostgresStoryRepository:
             story.created_at,
             story.illustrate,
             story.moderated_locally,
+            *illustration_values(story.illustration),
         )
+
+    async def claim_illustration(
+        self,
+        story_id: UUID,
+        *,
+        token: str,
+        now: datetime,
+        locked_until: datetime,
+        max_attempts: int,
+    ) -> StoryRecord | None:
+        row = await self._pool.fetchrow(
+            _CLAIM_ILLUSTRATION, story_id, token, now, locked_until, max_attempts
+        )
+        return _record_from_pg(row) if row else None
+
+    async def renew_illustration(self, story_id: UUID, token: str, locked_until: datetime) -> bool:
+        status = await self._pool.execute(_RENEW_ILLUSTRATION, story_id, token, locked_until)
+        return bool(status == "UPDATE 1")
+
+    async def settle_illustration(
+        self,
+        story_id: UUID,
+        token: str,
+        illustration: StoredIllustration,
+        *,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        status = await self._pool.execute(
+            _SETTLE, story_id, token, *settled_values(illustration), retry_at
+        )
+        return bool(status == "UPDATE 1")
+
+    async def pending_illustrations(self, now: datetime, limit: int) -> list[UUID]:
+        rows = await self._pool.fetch(_PENDING_ILLUSTRATIONS, now, limit)
+        return [row["id"] for row in rows]
+
+    async def give_up_illustrations(self, now: datetime, max_attempts: int) -> int:
+        result = await self._pool.execute(_GIVE_UP_ILLUSTRATIONS, now, max_attempts)
+        return int(result.split()[-1])
+
+    async def delete(self, story_id: UUID, owner: str) -> StoryRecord | None:
+        row = await self._pool.fetchrow(
+            f"DELETE FROM stories WHERE id = $1 AND owner = $2 RETURNING {STORY_COLUMNS}",  # noqa: S608
+            story_id,
+            owner,
+        )
+        return _record_from_pg(row) if row else None
 
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None:
         row = await self._pool.fetchrow(

@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from app.models import IdempotencyEntry, PageCursor, StoryPage, StoryRecord
+from app.models import IdempotencyEntry, PageCursor, StoredIllustration, StoryPage, StoryRecord
 
 
 class StorageUnavailableError(Exception):
@@ -91,6 +91,49 @@ class StoryRepository(Protocol):
 
     async def purge_expired_keys(self, now: datetime) -> int: ...
 
+    async def claim_illustration(
+        self,
+        story_id: UUID,
+        *,
+        token: str,
+        now: datetime,
+        locked_until: datetime,
+        max_attempts: int,
+    ) -> StoryRecord | None:
+        """Takes the pending picture of a story on a lease, counting one more attempt.
+
+        Only a picture that is pending, held by nobody (never claimed, or its
+        lease lapsed before `now`: its worker died) and tried fewer than
+        `max_attempts` times is taken. Returns the story (None: not taken).
+        """
+
+    async def renew_illustration(self, story_id: UUID, token: str, locked_until: datetime) -> bool:
+        """Extends the lease of the claim `token`; False when it no longer holds it."""
+
+    async def settle_illustration(
+        self,
+        story_id: UUID,
+        token: str,
+        illustration: StoredIllustration,
+        *,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        """Records the outcome of the claim `token` and ends the claim.
+
+        `ready` or `failed` are final; `pending` hands the picture back to be
+        taken again after `retry_at`. False (nothing changed) when `token` no
+        longer holds the picture.
+        """
+
+    async def pending_illustrations(self, now: datetime, limit: int) -> list[UUID]:
+        """Pending pictures nobody holds at `now` (their lease lapsed), oldest first."""
+
+    async def give_up_illustrations(self, now: datetime, max_attempts: int) -> int:
+        """Marks failed the pending pictures nobody holds that were tried `max_attempts` times."""
+
+    async def delete(self, story_id: UUID, owner: str) -> StoryRecord | None:
+        """Deletes the story (and its Idempotency-Keys); returns what was deleted."""
+
     async def get(self, story_id: UUID, owner: str) -> StoryRecord | None: ...
 
     async def list_page(
@@ -148,7 +191,9 @@ def storage_errors(*outages: type[BaseException]) -> Callable[[C], C]:
 STORY_COLUMNS = (
     "id, owner, title, paragraphs, prompt, age, length, language, provider, model, "
     "degraded, illustration_url, prompt_tokens, completion_tokens, generation_ms, created_at, "
-    "illustrate, moderated_locally"
+    "illustrate, moderated_locally, illustration_status, illustration_key, "
+    "illustration_media_type, illustration_bytes, illustration_width, illustration_height, "
+    "illustration_sha256, illustration_attempts, illustration_error"
 )
 ENTRY_COLUMNS = "fingerprint, state, story_id, locked_until"
 
@@ -181,6 +226,87 @@ DONE_SQL = (
     "UPDATE idempotency_keys SET state = 'done', story_id = {p4} "
     "WHERE owner = {p1} AND key = {p2} AND claim_token = {p3} AND state = 'pending'"
 )
+
+
+# The picture's columns, after the 18 first ones of STORY_COLUMNS.
+ILLUSTRATION_SET = (
+    "illustration_status = {p3}, illustration_key = {p4}, illustration_media_type = {p5}, "
+    "illustration_bytes = {p6}, illustration_width = {p7}, illustration_height = {p8}, "
+    "illustration_sha256 = {p9}, illustration_error = {p10}"
+)
+# p1 story, p2 token, p3.. the picture, p11 the retry time (NULL: final).
+SETTLE_SQL = (
+    f"UPDATE stories SET {ILLUSTRATION_SET}, illustration_claim = NULL, "  # noqa: S608
+    "illustration_locked_until = {p11} "
+    "WHERE id = {p1} AND illustration_claim = {p2} AND illustration_status = 'pending'"
+)
+# p1 story, p2 token, p3 now, p4 locked until, p5 max attempts.
+CLAIM_ILLUSTRATION_SQL = (
+    "UPDATE stories SET illustration_claim = {p2}, illustration_locked_until = {p4}, "  # noqa: S608
+    "illustration_attempts = illustration_attempts + 1 "
+    "WHERE id = {p1} AND illustration_status = 'pending' "
+    "AND (illustration_locked_until IS NULL OR illustration_locked_until < {p3}) "
+    "AND illustration_attempts < {p5} "
+    f"RETURNING {STORY_COLUMNS}"
+)
+RENEW_ILLUSTRATION_SQL = (
+    "UPDATE stories SET illustration_locked_until = {p3} "
+    "WHERE id = {p1} AND illustration_claim = {p2} AND illustration_status = 'pending'"
+)
+# p1 now, p2 limit.
+PENDING_ILLUSTRATIONS_SQL = (
+    "SELECT id FROM stories WHERE illustration_status = 'pending' "
+    "AND (illustration_locked_until IS NULL OR illustration_locked_until < {p1}) "
+    "ORDER BY created_at LIMIT {p2}"
+)
+# p1 now, p2 max attempts.
+GIVE_UP_ILLUSTRATIONS_SQL = (
+    "UPDATE stories SET illustration_status = 'failed', illustration_claim = NULL, "
+    "illustration_error = 'gave up after ' || illustration_attempts || ' attempts' "
+    "WHERE illustration_status = 'pending' AND illustration_attempts >= {p2} "
+    "AND (illustration_locked_until IS NULL OR illustration_locked_until < {p1})"
+)
+
+
+def illustration_of(row: Any) -> StoredIllustration | None:
+    """The picture columns of a story row (asyncpg or SQLite): None when none was asked for."""
+    status = row["illustration_status"]
+    if status is None:
+        return None
+    return StoredIllustration(
+        status=status,
+        key=row["illustration_key"],
+        media_type=row["illustration_media_type"],
+        size_bytes=row["illustration_bytes"],
+        width=row["illustration_width"],
+        height=row["illustration_height"],
+        sha256=row["illustration_sha256"],
+        attempts=row["illustration_attempts"] or 0,
+        error=row["illustration_error"],
+    )
+
+
+def illustration_values(picture: StoredIllustration | None) -> tuple[Any, ...]:
+    """The picture columns (status .. error, as in STORY_COLUMNS) of a story to store."""
+    if picture is None:
+        return (None, None, None, None, None, None, None, 0, None)
+    return (
+        picture.status,
+        picture.key,
+        picture.media_type,
+        picture.size_bytes,
+        picture.width,
+        picture.height,
+        picture.sha256,
+        picture.attempts,
+        picture.error,
+    )
+
+
+def settled_values(picture: StoredIllustration) -> tuple[Any, ...]:
+    """p3..p10 of SETTLE_SQL."""
+    values = illustration_values(picture)
+    return (*values[:7], values[8])
 
 
 async def claim_or_read(

@@ -3,8 +3,10 @@
 The degradation ladder lives here: each configured provider is tried in order
 (OpenAI, then the Replicate text model), then a cached story for the same
 request, then the offline storyteller. The story records which rung served it
-(`provider`) and whether that was a fallback (`degraded`). An illustration that
-fails is dropped; it never costs the child the story. A request with an
+(`provider`) and whether that was a fallback (`degraded`). The story never waits
+for its picture: it is stored and returned with the picture `pending`, which
+`app.services.illustrations` draws, checks and stores in the background (a
+picture that cannot be drawn never costs the child the story). A request with an
 `Idempotency-Key` runs through `app.services.idempotency`, so a repeat never
 writes (or pays for) a second story.
 
@@ -34,10 +36,9 @@ from app.core.resilience import (
 )
 from app.db.repository import StoryRepository
 from app.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
-from app.models import PageCursor, StoryPage, StoryRecord
+from app.models import PageCursor, StoredIllustration, StoryPage, StoryRecord
 from app.providers.base import (
     GeneratedStory,
-    IllustrationProvider,
     ProviderError,
     StoryProvider,
     StoryRequest,
@@ -50,6 +51,7 @@ from app.services.idempotency import (
     IdempotencyPolicy,
     request_fingerprint,
 )
+from app.services.illustrations import IllustrationService, PictureReply
 from app.services.ladder import LadderBudget
 from app.services.moderation import ContentCheck, ModerationService
 
@@ -77,7 +79,7 @@ class StoryService:
         providers: Sequence[StoryProvider],
         *,
         offline: OfflineStoryProvider | None,
-        illustrator: IllustrationProvider | None = None,
+        illustrations: IllustrationService | None = None,
         cache: StoryCache | None = None,
         idempotency: IdempotencyPolicy | None = None,
         deadline_seconds: float = 30.0,
@@ -88,7 +90,7 @@ class StoryService:
         self._repository = repository
         self._providers = tuple(providers)
         self._offline = offline
-        self._illustrator = illustrator
+        self._illustrations = illustrations
         self._cache = cache
         self._keys = IdempotencyKeys(repository, idempotency or IdempotencyPolicy())
         self._budget = budget or LadderBudget()
@@ -134,9 +136,13 @@ class StoryService:
     ) -> StoryRecord:
         started = time.perf_counter()
         story, degraded = await self._write(request)
-        illustration_url = None
-        if illustrate and self._illustrator is not None:
-            illustration_url = await self._illustrate(request, story)
+        illustration = None
+        if illustrate:
+            illustration = (
+                self._illustrations.initial()
+                if self._illustrations is not None
+                else StoredIllustration(status="failed", error="no image model configured")
+            )
         record = StoryRecord(
             id=uuid.uuid4(),
             owner=owner,
@@ -149,7 +155,8 @@ class StoryService:
             provider=story.provider,
             model=story.model,
             degraded=degraded,
-            illustration_url=illustration_url,
+            illustration_url=None,
+            illustration=illustration,
             illustrate=illustrate,
             moderated_locally=story.checked_locally,
             prompt_tokens=story.usage.prompt_tokens,
@@ -158,6 +165,8 @@ class StoryService:
             created_at=datetime.now(UTC),
         )
         await self._repository.add(record, idempotency_key=idempotency_key, claim_token=claim_token)
+        if self._illustrations is not None and illustration is not None:
+            self._illustrations.schedule(record.id)  # drawn after the story is returned
         logger.info(
             "story created",
             extra={
@@ -244,31 +253,25 @@ class StoryService:
             raise DeadlineExceededError(f"{seconds:.2f} s left: too little for {provider.name}")
         return await self._budget.run(seconds, lambda: provider.generate(request))
 
-    async def _illustrate(self, request: StoryRequest, story: GeneratedStory) -> str | None:
-        assert self._illustrator is not None
-        illustrator = self._illustrator
-        deadline = current_deadline()
-        try:
-            if deadline is None:
-                illustration = await illustrator.illustrate(request, story)
-            else:
-                # The story is written: the picture may use the time left but the reserve.
-                seconds = deadline.remaining() - self._budget.reserve_seconds
-                if seconds <= 0:
-                    raise DeadlineExceededError("no time left for an illustration")
-                illustration = await self._budget.run(
-                    seconds, lambda: illustrator.illustrate(request, story)
-                )
-        except (ProviderError, ResilienceError) as error:
-            logger.warning("illustration dropped", extra={"error": str(error)})
-            return None
-        return illustration.url
-
     async def get(self, owner: str, story_id: UUID) -> StoryRecord:
         story = await self._repository.get(story_id, owner)
         if story is None:
             raise NotFoundError(f"No story with id {story_id}.")
         return story
+
+    async def picture(
+        self, owner: str, story_id: UUID, if_none_match: str | None = None
+    ) -> PictureReply:
+        if self._illustrations is None:
+            raise NotFoundError(f"Story {story_id} has no picture.")
+        return await self._illustrations.open(owner, story_id, if_none_match)
+
+    async def delete(self, owner: str, story_id: UUID) -> None:
+        """Deletes the owner's story and its stored picture."""
+        if self._illustrations is not None:
+            await self._illustrations.delete_story(owner, story_id)
+        elif await self._repository.delete(story_id, owner) is None:
+            raise NotFoundError(f"No story with id {story_id}.")
 
     async def list_page(self, owner: str, limit: int, cursor: str | None) -> StoryPage:
         after = None

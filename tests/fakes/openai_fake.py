@@ -7,10 +7,17 @@ applies to it too (``path="/v1/moderations"``); ``bad_content`` answers a result
 without a verdict (``"flagged": null``). ``story_extra`` adds a sentence to every
 story a completion writes, so a test can make the story (and only the story)
 contain a flagged word.
+
+Image inputs (``{"type": "image_url", "image_url": {"url": ...}}``) must be an
+http(s) URL or a ``data:image/...;base64,`` URL (else ``400``, as the API); an
+image is flagged as ``violence`` while ``flag_images`` is set (the default
+passes every picture), and counted in ``image_inputs()``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import time
@@ -86,8 +93,28 @@ def _message_text(message: Any) -> str:
     return ""
 
 
+IMAGE_MARK = "\x00image:"
+_DATA_URL = re.compile(r"^data:image/(png|jpeg|webp|gif);base64,([A-Za-z0-9+/=]+)$")
+
+
+def _image_ok(url: Any) -> bool:
+    if not isinstance(url, str):
+        return False
+    if url.startswith(("https://", "http://")):
+        return True
+    match = _DATA_URL.match(url)
+    if match is None:
+        return False
+    try:
+        return bool(base64.b64decode(match.group(2), validate=True))
+    except binascii.Error:
+        return False
+
+
 def _moderation_inputs(value: Any) -> list[str] | None:
-    """The texts of a moderation ``input`` (a string, strings, or typed parts), or None."""
+    """The texts of a moderation ``input`` (a string, strings, or typed parts), or None.
+
+    An image part is ``IMAGE_MARK`` + its URL; one that is not an image URL is None."""
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list) or not value:
@@ -99,7 +126,11 @@ def _moderation_inputs(value: Any) -> list[str] | None:
         elif isinstance(item, dict) and item.get("type") == "text":
             texts.append(str(item.get("text", "")))
         elif isinstance(item, dict) and item.get("type") == "image_url":
-            texts.append("")
+            image = item.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not _image_ok(url):
+                return None
+            texts.append(IMAGE_MARK + str(url))
         else:
             return None
     return texts
@@ -120,6 +151,8 @@ class FakeOpenAI(FakeServer):
         self.moderation_words: dict[str, str] = dict(DEFAULT_FLAGGED)
         #: a sentence added to the first paragraph of every story (none when empty)
         self.story_extra = ""
+        #: flag every image input (as violence)
+        self.flag_images = False
         self._ids = 0
 
     @property
@@ -131,6 +164,7 @@ class FakeOpenAI(FakeServer):
         self.moderations_served = 0
         self.moderation_words = dict(DEFAULT_FLAGGED)
         self.story_extra = ""
+        self.flag_images = False
 
     def flag_words(self, words: Iterable[str], category: str = "violence") -> None:
         """Moderation flags inputs containing any of ``words`` as ``category`` too."""
@@ -144,8 +178,18 @@ class FakeOpenAI(FakeServer):
         texts: list[str] = []
         for call in self.calls:
             if call.path == MODERATIONS and isinstance(call.json, dict):
-                texts.extend(_moderation_inputs(call.json.get("input")) or [])
+                inputs = _moderation_inputs(call.json.get("input")) or []
+                texts.extend(t for t in inputs if not t.startswith(IMAGE_MARK))
         return texts
+
+    def image_inputs(self) -> list[str]:
+        """The URL of every image sent to ``/v1/moderations`` since the last reset."""
+        urls: list[str] = []
+        for call in self.calls:
+            if call.path == MODERATIONS and isinstance(call.json, dict):
+                inputs = _moderation_inputs(call.json.get("input")) or []
+                urls.extend(t.removeprefix(IMAGE_MARK) for t in inputs if t.startswith(IMAGE_MARK))
+        return urls
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -278,11 +322,12 @@ class FakeOpenAI(FakeServer):
         fault = request[FAULT_KEY]
         with self._lock:
             words = dict(self.moderation_words)
+            flag_images = self.flag_images
             self._ids += 1
             moderation_id = f"modr-fake{self._ids:08d}"
             if fault is None or fault.kind in ("delay", "bad_content"):
                 self.moderations_served += 1
-        results = [self._moderation_result(text, words) for text in texts]
+        results = [self._moderation_result(text, words, flag_images) for text in texts]
         if fault is not None and fault.kind == "bad_content":
             for result in results:
                 result["flagged"] = None
@@ -294,12 +339,15 @@ class FakeOpenAI(FakeServer):
         )
 
     @staticmethod
-    def _moderation_result(text: str, words: dict[str, str]) -> dict[str, Any]:
-        hits = {
-            category
-            for word, category in words.items()
-            if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE)
-        }
+    def _moderation_result(text: str, words: dict[str, str], flag_images: bool) -> dict[str, Any]:
+        if text.startswith(IMAGE_MARK):
+            hits = {"violence"} if flag_images else set()
+        else:
+            hits = {
+                category
+                for word, category in words.items()
+                if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE)
+            }
         return {
             "flagged": bool(hits),
             "categories": {c: c in hits for c in MODERATION_CATEGORIES},

@@ -7,12 +7,21 @@ advances it, and the ``steps_to_finish``-th GET after creation returns it termin
 (``succeeded``, or ``failed`` when a ``prediction_failed`` fault hit the create).
 Intermediate GETs return ``processing`` with ``output: null``. ``Prefer: wait`` on
 the create finishes the prediction at once.
+
+Output files (``GET /files/{name}``): each finished image prediction gets a picture
+of its own (a small WebP drawn with Pillow, different bytes each time), kept until
+``delete_files()`` (Replicate deletes output files an hour after the prediction).
+``picture_mode`` says what the next image predictions' files are: ``"webp"``,
+``"not_image"`` (HTML declared as ``image/webp``), ``"noisy"`` (a valid but large
+PNG), ``"huge"`` (a valid PNG 5000 pixels wide). ``hold_images`` keeps image
+predictions ``processing`` until it is cleared (a picture that takes its time).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import io
+import random
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from aiohttp import web
+from PIL import Image
 
 from tests.fakes.server import (
     FAULT_KEY,
@@ -35,8 +45,6 @@ DEFAULT_IMAGE_MODELS = frozenset({"black-forest-labs/flux-schnell"})
 DEFAULT_STEPS_TO_FINISH = 2
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 BAD_TEXT_TOKENS = ["Once", " upon", " a", " time,", " no", " JSON", " here."]
-# A valid 1x1 lossless WebP.
-WEBP_BYTES = base64.b64decode("UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA==")
 
 _TITLES = {
     400: "Bad Request",
@@ -53,6 +61,25 @@ _TITLES = {
     504: "Gateway Timeout",
 }
 _TOKEN_RE = re.compile(r"\s*\S+")
+PICTURE_MODES = frozenset({"webp", "not_image", "noisy", "huge"})
+
+
+def make_picture(mode: str, seed: int) -> tuple[bytes, str]:
+    """(bytes, declared Content-Type) of an output file in `mode` (PICTURE_MODES)."""
+    rng = random.Random(seed)
+    if mode == "not_image":
+        return b"<html><body>502 Bad Gateway</body></html>" * 4, "image/webp"
+    buffer = io.BytesIO()
+    if mode == "noisy":
+        image = Image.frombytes("RGB", (96, 96), rng.randbytes(96 * 96 * 3))
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), "image/png"
+    if mode == "huge":
+        Image.new("RGB", (5000, 2), (1, 2, 3)).save(buffer, format="PNG")
+        return buffer.getvalue(), "image/png"
+    colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+    Image.new("RGB", (64, 48), colour).save(buffer, format="WEBP", lossless=True)
+    return buffer.getvalue(), "image/webp"
 
 
 def _now() -> str:
@@ -127,11 +154,31 @@ class FakeReplicate(FakeServer):
         #: predictions created since the last reset()
         self.created_count = 0
         self._predictions: dict[str, FakePrediction] = {}
+        #: output file name -> (bytes, declared Content-Type)
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.picture_mode = "webp"
+        self.hold_images = False
+        #: GETs of output files since the last reset()
+        self.file_requests = 0
 
     def _reset_state(self) -> None:
         self.steps_to_finish = self.default_steps_to_finish
         self.created_count = 0
         self._predictions.clear()
+        self.files.clear()
+        self.picture_mode = "webp"
+        self.hold_images = False
+        self.file_requests = 0
+
+    def delete_files(self) -> None:
+        """Every output file is gone (404), as Replicate does after an hour."""
+        with self._lock:
+            self.files.clear()
+
+    def picture_bytes(self) -> list[bytes]:
+        """The bytes of every output picture served so far, oldest first."""
+        with self._lock:
+            return [data for data, _ in self.files.values()]
 
     # --- inspection helpers for tests ---------------------------------------------
 
@@ -219,6 +266,9 @@ class FakeReplicate(FakeServer):
         p.status = "succeeded"
         if p.is_image:
             name = f"{p.id}.txt" if p.outcome == "bad_content" else f"{p.id}.webp"
+            if p.outcome != "bad_content":
+                seed = int(hashlib.sha256(p.id.encode()).hexdigest()[:8], 16)
+                self.files[name] = make_picture(self.picture_mode, seed)
             p.output = [f"{self.base_url}/files/{name}"]
             p.metrics = {"predict_time": 0.1, "image_count": 1}
             return
@@ -301,7 +351,7 @@ class FakeReplicate(FakeServer):
             self._apply_outcome(p, request[FAULT_KEY])
             if p.status not in TERMINAL:
                 p.polls += 1
-                if p.polls >= self.steps_to_finish:
+                if p.polls >= self.steps_to_finish and not (p.is_image and self.hold_images):
                     self._finish(p)
                 else:
                     p.status = "processing"
@@ -323,8 +373,12 @@ class FakeReplicate(FakeServer):
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if name.endswith(".webp"):
-            return web.Response(body=WEBP_BYTES, content_type="image/webp")
+        with self._lock:
+            self.file_requests += 1
+            found = self.files.get(name)
+        if found is not None:
+            data, declared = found
+            return web.Response(body=data, content_type=declared)
         if name.endswith(".txt"):
             return web.Response(text="this is not an image", content_type="text/plain")
         return self.error_response(404, f"File {name} not found")

@@ -23,7 +23,7 @@ from replicate.client import RetryTransport
 
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.openai_fake import FakeOpenAI
-from tests.fakes.replicate_fake import WEBP_BYTES, FakeReplicate, text_tokens
+from tests.fakes.replicate_fake import FakeReplicate, text_tokens
 from tests.fakes.server import Fault, http_date, make_story
 
 TEXT_MODEL = "meta/meta-llama-3-8b-instruct"
@@ -615,7 +615,7 @@ async def test_replicate_prefer_wait_and_image_output(
         response = await http.get(url)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/webp"
-    assert response.content == WEBP_BYTES
+    assert response.content == fake_replicate.picture_bytes()[0]
     assert response.content.startswith(b"RIFF")
 
     text = await replicate_client.async_run(TEXT_MODEL, input={"prompt": "a quiet owl"})

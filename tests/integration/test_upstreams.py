@@ -145,40 +145,7 @@ async def test_replicate_alone_serves_undegraded(
     assert response.json()["degraded"] is False
 
 
-async def test_illustrate_adds_the_image_models_picture(
-    fake_openai: FakeOpenAI, fake_replicate: FakeReplicate, tmp_path: Path
-) -> None:
-    settings = make_settings(
-        sqlite_path=tmp_path / "s.db",
-        openai_base_url=fake_openai.openai_base_url,
-        replicate_base_url=fake_replicate.base_url,
-    )
-    async with serve(settings) as client:
-        response = await client.post("/v1/stories", json={**STORY_BODY, "illustrate": True})
-
-    story = response.json()
-    assert story["provider"] == "openai"
-    assert story["illustration"]["url"].startswith(fake_replicate.base_url + "/files/")
-    created = fake_replicate.predictions()
-    assert [p["model"] for p in created] == ["black-forest-labs/flux-schnell"]
-
-
-async def test_a_failed_illustration_is_dropped_not_fatal(
-    fake_openai: FakeOpenAI, fake_replicate: FakeReplicate, tmp_path: Path
-) -> None:
-    fake_replicate.set_fault(Fault.prediction_failed(), path="/v1/models/black-forest-labs")
-    settings = make_settings(
-        sqlite_path=tmp_path / "s.db",
-        openai_base_url=fake_openai.openai_base_url,
-        replicate_base_url=fake_replicate.base_url,
-    )
-    async with serve(settings) as client:
-        response = await client.post("/v1/stories", json={**STORY_BODY, "illustrate": True})
-
-    assert response.status_code == 201
-    assert response.json()["illustration"] is None
-    assert response.json()["illustrate"] is True  # asked for, but could not be drawn
-    assert response.json()["provider"] == "openai"
+# Illustrations (drawn in the background, kept in our store): test_illustrations.py
 
 
 @pytest.mark.parametrize(
