@@ -54,17 +54,21 @@ from app.platform.metrics import (
     record_cache,
     record_moderation,
     record_upstream_call,
+    refresh_breaker_states,
     set_build_info,
 )
+from app.platform.objects import ObjectStore
 from app.platform.redis import RedisBudget, RedisGate, open_redis
 from app.platform.sentry import init_sentry, shutdown_sentry
 from app.platform.shutdown import DrainOnSignal, Lifecycle
 from app.platform.system import SystemMonitor
 from app.providers.offline import OfflineStoryProvider
-from app.providers.registry import build_upstreams
+from app.providers.picture_registry import build_picture_parts
+from app.providers.registry import Upstreams, build_upstreams
 from app.services.cache import CacheRedisEvents, StoryCache
 from app.services.health import HealthService
 from app.services.idempotency import IdempotencyPolicy
+from app.services.illustrations import IllustrationService
 from app.services.ladder import LadderBudget
 from app.services.moderation import ModerationService
 from app.services.stories import StoryService
@@ -164,6 +168,9 @@ def redis_from_settings(
         timeout_seconds=timeout_seconds or cfg.socket_timeout_ms / 1000,
         connect_timeout_seconds=cfg.connect_timeout_ms / 1000,
         max_connections=max_connections or cfg.max_connections,
+        # The request path's budget judges Redis net of event-loop lag; the
+        # client's own timeouts are only a backstop above it (app.platform.redis).
+        lag_allowance_seconds=0.0 if timeout_seconds else cfg.loop_lag_allowance_ms / 1000,
     )
 
 
@@ -209,7 +216,7 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         stack.push_async_callback(redis.aclose)
         await warm_redis(redis, connections=min(8, settings.redis.max_connections))
     # One view per process of whether Redis answers, shared by all its users.
-    redis_gate = RedisGate()
+    redis_gate = RedisGate(lag_allowance_seconds=settings.redis.loop_lag_allowance_ms / 1000)
     redis_budget_seconds = settings.redis.socket_timeout_ms / 1000
 
     # Every breaker transition, retry, rejection and fallback: logged and counted.
@@ -235,11 +242,12 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         on_result=record_cache,
     )
     stack.push_async_callback(cache.aclose)
+    illustrations = await _start_illustrations(settings, repository, upstreams, stack, observer)
     stories = StoryService(
         repository,
         upstreams.story_providers,
         offline=OfflineStoryProvider() if settings.resilience.offline_fallback else None,
-        illustrator=upstreams.illustrator,
+        illustrations=illustrations,
         deadline_seconds=settings.request_deadline_seconds,
         budget=LadderBudget(
             reserve_seconds=settings.resilience.ladder_reserve_seconds,
@@ -293,7 +301,18 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
     identity = build_authenticator(settings, observer=observer)
     stack.push_async_callback(identity.aclose)
     await identity.start()
-    breakers = {**upstreams.breakers, **identity.breakers}
+    breakers = {**upstreams.breakers, **identity.breakers, **illustrations.breakers}
+    # Breaker state gauges from the shared store, in the background: a scrape reads memory.
+    breaker_states = asyncio.create_task(
+        every(
+            settings.metrics_breaker_refresh_seconds,
+            lambda: refresh_breaker_states(breakers),
+            what="breaker state refresh",
+            at_once=True,
+        ),
+        name="breaker-states",
+    )
+    stack.push_async_callback(stop_task, breaker_states)
     maintenance = MaintenanceSwitch(settings.maintenance)
     await maintenance.start(redis)
     stack.push_async_callback(maintenance.stop)
@@ -325,6 +344,42 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         ),
         lifecycle=lifecycle,
     )
+
+
+async def _start_illustrations(
+    settings: Settings,
+    repository: StoryRepository,
+    upstreams: Upstreams,
+    stack: AsyncExitStack,
+    observer: ResilienceObserver,
+) -> IllustrationService:
+    """Pictures: the object store, the fetcher and image check, and the sweep that
+    resumes pending pictures (at start, then every ILLUSTRATION_SWEEP_SECONDS)."""
+    parts = await build_picture_parts(
+        settings, upstreams, stack, observer=observer, record_call=record_upstream_call
+    )
+    service = IllustrationService(
+        repository,
+        ObjectStore.from_settings(settings.object_store),
+        illustrator=upstreams.illustrator,
+        fetcher=parts.fetcher,
+        moderator=parts.moderator,
+        settings=settings.illustrations,
+        objects=settings.object_store,
+        breakers=parts.breakers,
+    )
+    stack.push_async_callback(service.drain)
+    sweeper = asyncio.create_task(
+        every(
+            settings.illustrations.sweep_seconds,
+            service.sweep,
+            what="illustration sweep",
+            at_once=True,
+        ),
+        name="illustration-sweep",
+    )
+    stack.push_async_callback(stop_task, sweeper)
+    return service
 
 
 def _install_drain(lifecycle: Lifecycle, settings: Settings, stack: AsyncExitStack) -> None:

@@ -17,10 +17,11 @@ from app.http.context import RequestContextMiddleware
 from app.http.headers import HeaderLimitMiddleware
 from app.http.maintenance import MaintenanceMiddleware
 from app.http.metrics import MetricsMiddleware
+from app.http.openapi import install_openapi, operation_id
 from app.lifespan import lifespan_for
 from app.platform.config import Settings
 from app.problems import install_error_handlers
-from app.routers import health_detailed, metrics, stories
+from app.routers import health_detailed, illustrations, metrics, stories
 
 VERSION = "0.1.0"
 
@@ -39,12 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # No `/v1/stories/` -> `/v1/stories` redirect: Starlette builds it from the
         # Host header, so a forged Host made it an open redirect. Such paths are 404.
         redirect_slashes=False,
+        # `create_story` -> `createStory`: the method names of generated clients.
+        generate_unique_id_function=operation_id,
     )
+    install_openapi(app)  # the document every client is generated from (docs/openapi.json)
     app.state.limiter = limiter  # slowapi's convention: @limiter.limit on endpoints
     install_error_handlers(app)
     app.include_router(health_detailed.router)
     # API routes count against the client's rate limits; health and metrics never do.
     app.include_router(stories.router, dependencies=RATE_LIMITED)
+    app.include_router(illustrations.router, dependencies=RATE_LIMITED)
     app.include_router(metrics.router)
     # Added last = outermost: the request id exists before anything else runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -65,9 +70,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
-            expose_headers=["Location", "X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID", "If-None-Match"],
+            expose_headers=[
+                "Location",
+                "X-Request-ID",
+                "Retry-After",
+                "Idempotent-Replayed",
+                "ETag",
+            ],
         )
     app.add_middleware(RequestContextMiddleware)
     return app

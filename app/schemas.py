@@ -87,17 +87,80 @@ def clean_prompt(value: str) -> str:
     return text[start:end]
 
 
+#: OpenAPI `format`s of our own: what a pattern cannot say is in their descriptions.
+PROMPT_FORMAT = "story-prompt"
+CURSOR_FORMAT = "page-cursor"
+
+_PROMPT_RULES = (
+    "What the story is about: 1-500 characters once normalised (Unicode NFC; line breaks, "
+    "tabs and runs of white space become one space; invisible characters trimmed at either "
+    "end). Refused with a 422 on `prompt`: control characters other than line breaks and "
+    "tabs, text-direction overrides and isolates (U+202A-202E, U+2066-2069), lone "
+    "surrogates, Unicode tag characters outside an emoji flag, a run of variation "
+    "selectors, nothing visible; and (`unsuitable-prompt`) a prompt not suitable for a "
+    "children's story."
+)
+
+
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    # The limits count the normalised text ("e" + a combining accent is one), which
+    # JSON Schema's `minLength`/`maxLength` (code points as sent) cannot say: a
+    # `maxLength` would be a different rule. They are in the description.
+    schema.pop("minLength", None)
+    schema.pop("maxLength", None)
+    schema["format"] = PROMPT_FORMAT
+
+
 class CreateStory(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a dragon who is afraid of the dark",
+                    "age": 6,
+                    "length": "short",
+                    "language": "en",
+                    "illustrate": False,
+                }
+            ]
+        },
+    )
 
     prompt: Annotated[
         str,
-        Field(min_length=1, max_length=500, description="What the story is about."),
+        Field(
+            min_length=1,
+            max_length=500,
+            description=_PROMPT_RULES,
+            json_schema_extra=_prompt_schema,
+        ),
     ]
     age: Annotated[int, Field(ge=2, le=12, strict=True, description="The child's age.")]
-    length: Literal["short", "medium", "long"] = "short"
-    language: Annotated[str, Field(description="BCP-47 tag, one of the supported ones.")] = "en"
-    illustrate: Annotated[bool, Field(strict=True)] = False
+    length: Annotated[
+        Literal["short", "medium", "long"],
+        Field(description="3, 5 or 8 paragraphs."),
+    ] = "short"
+    language: Annotated[
+        str,
+        Field(
+            description="BCP-47 tag, one of these (matched case-insensitively; stories "
+            "give it in this spelling).",
+            json_schema_extra={"enum": list(SUPPORTED_LANGUAGES)},
+        ),
+    ] = "en"
+    illustrate: Annotated[
+        bool, Field(strict=True, description="Draw a picture for the story too.")
+    ] = False
+
+    @field_validator("age", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # JSON has one number type: 6.0 is the integer 6 (as JSON Schema's `integer`
+        # says); 6.5, "6" and true stay refused.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -121,10 +184,68 @@ class CreateStory(BaseModel):
 
 
 class IllustrationOut(BaseModel):
-    url: str
+    """The story's picture: drawn after the story is returned, then kept by this service."""
+
+    status: Literal["pending", "ready", "failed"] = Field(
+        description=(
+            "`pending`: being drawn (poll the story, or `url`, which answers 202 until "
+            "then); `ready`: `url` serves it; `failed`: none will be (the story stays)."
+        )
+    )
+    url: str | None = Field(
+        description="This service's URL of the picture (owner only); null once failed."
+    )
+    media_type: str | None = Field(default=None, description="Once ready: its media type.")
+    width: int | None = Field(default=None, description="Once ready: pixels, read from the file.")
+    height: int | None = Field(default=None, description="Once ready: pixels, read from the file.")
+
+    @classmethod
+    def of(cls, story: StoryRecord) -> IllustrationOut | None:
+        picture = story.illustration
+        if picture is None:
+            return None
+        status: Literal["pending", "ready", "failed"] = (
+            "ready" if picture.status == "ready" else "failed"
+        )
+        if picture.status == "pending":
+            status = "pending"
+        return cls(
+            status=status,
+            url=None if status == "failed" else f"/v1/stories/{story.id}/illustration",
+            media_type=picture.media_type if status == "ready" else None,
+            width=picture.width if status == "ready" else None,
+            height=picture.height if status == "ready" else None,
+        )
+
+
+_STORY_EXAMPLE: dict[str, Any] = {
+    "id": "3f1c2a9e-7b4d-4e8a-9c61-2d5f8e0b7a14",
+    "title": "Ember and the Night",
+    "paragraphs": [
+        "Ember was a small dragon who glowed a little when she laughed.",
+        "Every night, when the sun went down, Ember hid under her wing.",
+        "One night the fireflies showed her that the dark was full of friends.",
+    ],
+    "prompt": "a dragon who is afraid of the dark",
+    "language": "en",
+    "age": 6,
+    "length": "short",
+    "provider": "openai",
+    "degraded": False,
+    "illustrate": False,
+    "illustration": None,
+    "moderated_locally": False,
+    "created_at": "2026-12-01T12:00:00Z",
+}
 
 
 class StoryOut(BaseModel):
+    """A stored story. `provider`: who wrote it (`openai`, `replicate`, `cache`, `offline`;
+    more may come); `degraded`: a fallback rung wrote it; `moderated_locally`: the local
+    word list, not the moderation service, passed it (null: written before checks)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_STORY_EXAMPLE]})
+
     id: UUID
     title: str
     paragraphs: list[str]
@@ -155,20 +276,33 @@ class StoryOut(BaseModel):
             degraded=story.degraded,
             illustrate=story.illustrate,
             moderated_locally=story.moderated_locally,
-            illustration=IllustrationOut(url=story.illustration_url)
-            if story.illustration_url
-            else None,
+            illustration=IllustrationOut.of(story),
             created_at=story.created_at,
         )
 
 
+CURSOR_EXAMPLE = (  # what the service hands out (2026-12-01T12:00:00Z, a story id)
+    "MjAyNi0xMi0wMVQxMjowMDowMCswMDowMHwzZjFjMmE5ZS03YjRkLTRlOGEtOWM2MS0yZDVmOGUwYjdhMTQ"
+)
+
+
 class StoryList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [_STORY_EXAMPLE], "next_cursor": CURSOR_EXAMPLE}]}
+    )
+
     items: list[StoryOut]
     next_cursor: str | None = Field(
-        description="Pass as `cursor` to get the next page; null on the last page."
+        description="Opaque: pass it back unchanged as `cursor` to get the next page; "
+        "null on the last page.",
+        json_schema_extra={"format": CURSOR_FORMAT},
     )
 
 
 class Recommendations(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"age": 6, "items": [_STORY_EXAMPLE]}]}
+    )
+
     age: int
     items: list[StoryOut]

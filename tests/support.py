@@ -93,6 +93,9 @@ def make_settings(
             create_story="100000/minute",
         ),
     )
+    # Every scrape rendered afresh unless a test is about the page cache: tests read
+    # /metrics before and after an action, well within METRICS_CACHE_SECONDS.
+    overrides.setdefault("metrics_cache_seconds", 0.0)
     return Settings(
         _env_file=None,
         app_env="test",

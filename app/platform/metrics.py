@@ -163,6 +163,38 @@ BREAKER_STORE_DEGRADED = Gauge(
     multiprocess_mode="livemax",
 )
 
+# --- admission and upstream quotas (recorded by app.providers.registry) ------------------
+
+ADMISSION_LIMIT = Gauge(
+    "story_admission_limit", "Adaptive concurrency limit, by upstream operation.", ["name"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+ADMISSION_IN_FLIGHT = Gauge(
+    "story_admission_in_flight", "Calls admitted, not finished, by upstream operation.",
+    ["name"], multiprocess_mode="livesum",
+)  # fmt: skip
+ADMISSION_QUEUED = Gauge(
+    "story_admission_queued", "Callers waiting for a slot, by upstream operation.", ["name"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+ADMISSION_SHED = Counter(
+    "story_admission_shed_total",
+    "Calls shed by admission (queue_full, no_time, expected_wait, wait_timeout).",
+    ["name", "reason"],
+)
+QUOTA_WAITS = Counter(
+    "story_quota_waits_total", "Calls that waited for their account's quota.", ["provider"]
+)
+QUOTA_REFUSALS = Counter(
+    "story_quota_refusals_total",
+    "Calls sent down the ladder because the account's quota (requests, tokens) was spent.",
+    ["provider", "reason"],
+)
+QUOTA_STORAGE_DEGRADED = Gauge(
+    "story_quota_storage_degraded", "1 while a quota is spent in-process (Redis failed).",
+    ["provider"], multiprocess_mode="livemax",
+)  # fmt: skip
+
 # --- dependencies and the rate limiter's storage ---------------------------------------
 
 DEPENDENCY_ERRORS = Counter(
@@ -305,13 +337,15 @@ def set_breaker_state(name: str, state: str) -> None:
 
 
 async def refresh_breaker_states(
-    breakers: Mapping[str, _SnapshotSource], timeout_seconds: float
+    breakers: Mapping[str, _SnapshotSource], timeout_seconds: float = 0.25
 ) -> None:
     """Set each breaker's state gauge from its (possibly shared) store.
 
     Transitions are reported only by the process that caused them; reading the
-    store at scrape time makes every worker show the state all of them share.
-    A breaker whose store does not answer in time keeps its last value.
+    store in the background (every METRICS_BREAKER_REFRESH_SECONDS, see
+    `app.lifespan`) makes every worker show the state all of them share, while a
+    scrape reads nothing but memory. A breaker whose store does not answer in
+    time keeps its last value.
     """
     if not breakers:
         return

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.platform.config.auth import AuthMode, AuthSettings
 from app.platform.config.base import Environment, settings_group
+from app.platform.config.objects import IllustrationSettings, ObjectStoreSettings
 from app.platform.config.operations import (
     HealthSettings,
     MaintenanceSettings,
@@ -37,8 +38,10 @@ __all__ = [
     "DatabaseSettings",
     "Environment",
     "HealthSettings",
+    "IllustrationSettings",
     "MaintenanceSettings",
     "ModerationSettings",
+    "ObjectStoreSettings",
     "OpenAISettings",
     "ProxySettings",
     "RateLimitSettings",
@@ -80,6 +83,10 @@ class Settings(BaseSettings):
     docs_enabled: bool = True
     # Set: /metrics needs it as a bearer token; unset: keep /metrics to the scraper's network.
     metrics_token: SecretStr | None = None
+    # A scrape is served from memory: breaker states are read from their (shared)
+    # store in the background this often, and the rendered page is reused this long.
+    metrics_breaker_refresh_seconds: float = Field(default=5.0, gt=0)
+    metrics_cache_seconds: float = Field(default=1.0, ge=0)
     # More request headers than this, or more bytes of them (names and values), get 431.
     max_header_count: int = Field(default=100, ge=1)
     max_header_bytes: int = Field(default=8 * 1024, ge=1024)
@@ -97,6 +104,8 @@ class Settings(BaseSettings):
     maintenance: MaintenanceSettings = Field(default_factory=lambda: MaintenanceSettings())
     shutdown: ShutdownSettings = Field(default_factory=lambda: ShutdownSettings())
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
+    object_store: ObjectStoreSettings = Field(default_factory=lambda: ObjectStoreSettings())
+    illustrations: IllustrationSettings = Field(default_factory=lambda: IllustrationSettings())
 
     @model_validator(mode="after")
     def _auth_fits_the_environment(self) -> Settings:
@@ -115,6 +124,16 @@ class Settings(BaseSettings):
             raise ValueError(f"AUTH_MODE=jwt needs {', '.join(missing)}")
         if prod and auth.jwks_url is not None and auth.jwks_url.scheme != "https":
             raise ValueError("AUTH_JWKS_URL must be https in production")
+        return self
+
+    @model_validator(mode="after")
+    def _pictures_checked_in_production(self) -> Settings:
+        prod = self.app_env is Environment.PRODUCTION
+        if prod and self.illustrations.moderation == "off":
+            raise ValueError(
+                "ILLUSTRATION_MODERATION=off (pictures shown to children unchecked) is "
+                "refused with APP_ENV=production"
+            )
         return self
 
     @model_validator(mode="after")
