@@ -11,9 +11,15 @@ Two commands, each exits non-zero with one line per problem:
   Compose schema, and checks the policies the files promise: required secrets,
   health checks everywhere, only the app published, restart/limits/log rotation
   in production, persistence, backups, and a stop grace longer than the drain.
-- `python deploy/validate.py k8s`: the kustomization lists every manifest, and the
+- `python deploy/validate.py k8s`: the kustomization lists every manifest; the
   Deployment's probes, grace period and preStop sleep agree with the ConfigMap
-  and the Dockerfile.
+  and the Dockerfile; the container drops every capability, runs as non-root
+  (the Dockerfile's `USER` too), with `imagePullPolicy: Always`; an HPA scales
+  the Deployment; a NetworkPolicy covers its pods; `TRUSTED_PROXIES` names real
+  proxies; Redis does not gate readiness; and `monitoring/` (ServiceMonitor,
+  PrometheusRule) agrees with `deploy/prometheus/alerts.yml`.
+- `python deploy/validate.py prometheus-rule`: prints the PrometheusRule made
+  from `deploy/prometheus/alerts.yml` (for `deploy/k8s/monitoring/`).
 
 Standard library plus PyYAML and jsonschema (both installed with check-jsonschema).
 """
@@ -37,6 +43,8 @@ BASE_FILE = ROOT / "docker-compose.yml"
 PROD_FILE = ROOT / "docker-compose.prod.yml"
 K8S_DIR = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
+ALERTS_FILE = ROOT / "deploy" / "prometheus" / "alerts.yml"
+MONITORING_DIR = K8S_DIR / "monitoring"
 
 REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD")
 # What CI pretends an operator exported: the required secrets and nothing else.
@@ -221,8 +229,11 @@ def prod_problems(config: dict[str, Any]) -> list[str]:
                 problems.append(f"prod: service {name} mounts the source tree ({source})")
         if str(service.get("environment", {}).get("RELOAD", "false")).lower() in {"1", "true"}:
             problems.append(f"prod: service {name} runs with RELOAD")
-    app_limits = services["app"]["deploy"]["resources"]["limits"]
-    if float(app_limits["cpus"]) != 2 or memory_bytes(app_limits["memory"]) != 2 * 1024**3:
+    app_limits = services["app"].get("deploy", {}).get("resources", {}).get("limits", {})
+    cpus, memory = app_limits.get("cpus"), app_limits.get("memory")
+    if cpus is None or memory is None:
+        pass  # reported above, with every other service missing a limit
+    elif float(cpus) != 2 or memory_bytes(memory) != 2 * 1024**3:
         problems.append(f"prod: app limits must be 2 CPUs and 2G memory, got {app_limits}")
     redis_command = " ".join(services["redis"].get("command", []))
     if "--appendonly yes" not in redis_command:
@@ -362,8 +373,20 @@ def check_k8s() -> list[str]:
     security = container.get("securityContext", {})
     if not security.get("readOnlyRootFilesystem") or security.get("allowPrivilegeEscalation"):
         problems.append("k8s: container must have a read-only root and no privilege escalation")
+    if "ALL" not in security.get("capabilities", {}).get("drop", []):
+        problems.append('k8s: container must drop every capability (capabilities.drop: ["ALL"])')
+    if security.get("capabilities", {}).get("add"):
+        problems.append("k8s: container must add no capability")
     if not pod.get("securityContext", {}).get("runAsNonRoot"):
         problems.append("k8s: pod must run as non-root")
+    if container.get("imagePullPolicy") != "Always":
+        problems.append(
+            "k8s: imagePullPolicy must be Always (a re-pushed tag must not be served stale "
+            "from a node's cache; pin the digest in the kustomization for releases)"
+        )
+    problems += _trusted_proxies_problems(config.get("TRUSTED_PROXIES", ""))
+    problems += _scaling_problems(documents, deployment)
+    problems += _network_policy_problems(documents, deployment)
     mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
     for path in ("/tmp", str(Path(config["DATABASE_SQLITE_PATH"]).parent)):  # noqa: S108
         if path not in mounts:
@@ -382,9 +405,143 @@ def check_k8s() -> list[str]:
         problems.append(f"k8s: kustomization images does not set {image}")
     if not _dockerfile_healthcheck_probe():
         problems.append("Dockerfile: HEALTHCHECK must run app.healthcheck")
+    problems += _dockerfile_user_problems()
+    problems += monitoring_problems()
     configmap_text = (K8S_DIR / "configmap.yaml").read_text(encoding="utf-8")
     problems += settings_problems(config, configmap_text, referenced)
     return problems
+
+
+def _trusted_proxies_problems(value: str) -> list[str]:
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if not entries:
+        return [
+            "k8s: TRUSTED_PROXIES is empty: behind the ingress every request would be keyed by "
+            "the ingress's address and share one rate limit; name the ingress pods' CIDR"
+        ]
+    wide = [e for e in entries if e in {"*", "0.0.0.0/0", "::/0"} or e.endswith("/0")]
+    if wide:
+        return [f"k8s: TRUSTED_PROXIES {wide} trusts everyone: any client could name itself"]
+    return []
+
+
+def _targets(document: dict[str, Any], deployment: dict[str, Any]) -> bool:
+    ref = document.get("spec", {}).get("scaleTargetRef", {})
+    return bool(
+        ref.get("kind") == "Deployment" and ref.get("name") == deployment["metadata"]["name"]
+    )
+
+
+def _scaling_problems(documents: list[Any], deployment: dict[str, Any]) -> list[str]:
+    hpas = [d for d in documents if d.get("kind") == "HorizontalPodAutoscaler"]
+    if not any(_targets(hpa, deployment) for hpa in hpas):
+        return ["k8s: no HorizontalPodAutoscaler scales the Deployment"]
+    problems: list[str] = []
+    for hpa in hpas:
+        if int(hpa["spec"].get("minReplicas", 1)) < 2:
+            problems.append("k8s: the HPA's minReplicas must be at least 2 (one pod is an outage)")
+    if "replicas" in deployment["spec"]:
+        problems.append("k8s: the Deployment must not set replicas (the HPA owns them)")
+    return problems
+
+
+def _network_policy_problems(documents: list[Any], deployment: dict[str, Any]) -> list[str]:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for policy in (d for d in documents if d.get("kind") == "NetworkPolicy"):
+        spec = policy.get("spec", {})
+        wanted = spec.get("podSelector", {}).get("matchLabels", {})
+        if wanted and all(labels.get(k) == v for k, v in wanted.items()):
+            if set(spec.get("policyTypes", [])) != {"Ingress", "Egress"}:
+                return ["k8s: the NetworkPolicy must restrict both Ingress and Egress"]
+            if any(not rule.get("from") for rule in spec.get("ingress", [])):
+                return ["k8s: a NetworkPolicy ingress rule without `from` admits every pod"]
+            return []
+    return ["k8s: no NetworkPolicy selects the service's pods"]
+
+
+def _dockerfile_user_problems() -> list[str]:
+    lines = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ").splitlines()
+    stages = [i for i, line in enumerate(lines) if line.strip().upper().startswith("FROM ")]
+    final = lines[stages[-1] :] if stages else lines
+    users = [line.split(None, 1)[1] for line in final if line.strip().upper().startswith("USER ")]
+    if not users:
+        return ["Dockerfile: the final stage must set USER (the image would run as root)"]
+    user = users[-1].strip().split(":")[0]
+    if user in {"root", "0"}:
+        return [f"Dockerfile: the final stage's USER is {user}"]
+    return []
+
+
+def alerts_groups() -> list[Any]:
+    groups: list[Any] = load_yaml(ALERTS_FILE)["groups"]
+    return groups
+
+
+def prometheus_rule() -> dict[str, Any]:
+    """The PrometheusRule that carries `deploy/prometheus/alerts.yml`."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "story-service",
+            "labels": {
+                "app.kubernetes.io/name": "story-service",
+                "app.kubernetes.io/component": "api",
+                "release": "prometheus",
+            },
+        },
+        "spec": {"groups": alerts_groups()},
+    }
+
+
+def monitoring_problems() -> list[str]:
+    problems: list[str] = []
+    kustomization = load_yaml(MONITORING_DIR / "kustomization.yaml")
+    documents = {
+        name: load_yaml(MONITORING_DIR / name) for name in kustomization.get("resources", [])
+    }
+    kinds = {document.get("kind"): document for document in documents.values()}
+    rule = kinds.get("PrometheusRule")
+    if rule is None or rule.get("spec", {}).get("groups") != alerts_groups():
+        problems.append(
+            "k8s: monitoring/ PrometheusRule differs from deploy/prometheus/alerts.yml; "
+            "regenerate it: python deploy/validate.py prometheus-rule"
+        )
+    monitor = kinds.get("ServiceMonitor")
+    if monitor is None:
+        return [*problems, "k8s: monitoring/ has no ServiceMonitor"]
+    service = load_yaml(K8S_DIR / "service.yaml")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    if any(service["metadata"]["labels"].get(k) != v for k, v in selector.items()):
+        problems.append("k8s: the ServiceMonitor's selector does not match the Service's labels")
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        if endpoint.get("port") not in ports or endpoint.get("path") != "/metrics":
+            problems.append(
+                f"k8s: ServiceMonitor endpoint {endpoint} is not the Service's /metrics"
+            )
+    return problems
+
+
+def print_prometheus_rule() -> list[str]:
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+        style = "|" if "\n" in data else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    Dumper.add_representer(str, text)
+    print(
+        "# The alert rules of deploy/prometheus/alerts.yml for the Prometheus Operator.\n"
+        "# Generated, never edited by hand:\n"
+        "#   python deploy/validate.py prometheus-rule \\\n"
+        "#     > deploy/k8s/monitoring/prometheusrule.yaml\n"
+        "# `deploy/validate.py k8s` fails when the two differ. The `release` label must\n"
+        "# match your Prometheus's ruleSelector."
+    )
+    print(yaml.dump(prometheus_rule(), Dumper=Dumper, sort_keys=False, width=100), end="")
+    return []
 
 
 def service_settings() -> dict[str, bool]:
@@ -455,7 +612,11 @@ def _settings_accept(config: Mapping[str, str]) -> list[str]:
     return []
 
 
-COMMANDS: dict[str, Callable[[], list[str]]] = {"compose": check_compose, "k8s": check_k8s}
+COMMANDS: dict[str, Callable[[], list[str]]] = {
+    "compose": check_compose,
+    "k8s": check_k8s,
+    "prometheus-rule": print_prometheus_rule,
+}
 
 
 def main(argv: list[str]) -> int:
@@ -463,6 +624,8 @@ def main(argv: list[str]) -> int:
         print(f"usage: validate.py {{{'|'.join(COMMANDS)}}}", file=sys.stderr)
         return 2
     problems = COMMANDS[argv[0]]()
+    if argv[0] == "prometheus-rule":
+        return 0
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{argv[0]}: {'FAILED' if problems else 'ok'} ({len(problems)} problem(s))")
