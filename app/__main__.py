@@ -73,11 +73,12 @@ import uvicorn
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
 
 from app.http.server import IMPORT_PATH as HTTP_PROTOCOL
 from app.http.server import READ_TIMEOUT_ENV
+from app.http.supervisor import Supervisor
 from app.platform.config import Settings as AppSettings
+from app.platform.logs import configure_logging, server_log_config
 
 APP_IMPORT_PATH = "app.main:app"
 
@@ -142,6 +143,7 @@ class ServerSettings(BaseSettings):
             "forwarded_allow_ips": allow_list or "",
             "timeout_graceful_shutdown": self.shutdown_grace_seconds,
             "log_level": self.log_level.lower(),
+            "log_config": server_log_config(self.log_level),
             # The app writes its own access log, with the request id and route.
             "access_log": False,
             "server_header": False,
@@ -204,12 +206,14 @@ def run_server(options: dict[str, Any]) -> int:
     returns normally (status 0) after the supervisor stops on a worker whose
     startup failed, so a crash would look like a clean stop to whatever
     restarts the process. That case is 3 (uvicorn's STARTUP_FAILURE) here too.
+    The supervisor is `app.http.supervisor.Supervisor` (refuses new connections
+    once shutting down, forgets a killed worker's gauges).
     """
     if options["workers"] <= 1 or options["reload"]:
         uvicorn.run(APP_IMPORT_PATH, **options)
         return 0
     config = uvicorn.Config(APP_IMPORT_PATH, **options)
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
     with contextlib.suppress(KeyboardInterrupt):
         supervisor.run()
     failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
@@ -241,6 +245,9 @@ def check_app_settings() -> bool:
 
 
 def main() -> None:
+    # JSON from the first line: settings errors and the supervisor's lines too.
+    level = os.environ.get("LOG_LEVEL", "INFO").strip().upper()
+    configure_logging(level if level in logging.getLevelNamesMapping() else "INFO")
     if not check_app_settings():
         sys.exit(STARTUP_FAILURE)
     settings = ServerSettings()

@@ -69,6 +69,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def server_log_config(level: str) -> dict[str, Any]:
+    """`logging.config.dictConfig` for uvicorn (`log_config=`): JSON lines from the start.
+
+    Without it uvicorn's supervisor and its start-up lines ("Started parent process",
+    "Child process died") are plain text among the workers' JSON, which a log
+    pipeline parsing JSON drops or mangles. The app's lifespan then re-applies
+    `configure_logging` in each worker (same format).
+    """
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stdout",
+            }
+        },
+        "root": {"handlers": ["stdout"], "level": level},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            # Our access log replaces uvicorn's (it knows the request id and the route).
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
+    }
+
+
 def configure_logging(level: str) -> None:
     """Route the root logger (and uvicorn's) to JSON lines on stdout."""
     handler = logging.StreamHandler(sys.stdout)

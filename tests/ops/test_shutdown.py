@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
+import psutil
 import pytest
 
 from app.platform.shutdown import DrainOnSignal
@@ -145,3 +148,101 @@ def test_a_real_server_drains_on_sigterm_and_finishes_the_request_in_flight(
     assert [r.status_code for r in in_flight] == [201]
     assert in_flight[0].json()["provider"] == "openai"
     assert exited is not None
+
+
+def _refused(url: str) -> bool:
+    """Whether a new TCP connection to the server's port is refused."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+@pytest.mark.slow
+def test_with_several_workers_new_connections_are_refused_while_the_in_flight_drain(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    # uvicorn's supervisor kept its copy of the listening socket until every worker
+    # had drained: new connections were accepted into a backlog nobody read, hung,
+    # and were reset at exit. They must be refused at once, as with one worker.
+    fake_openai.set_fault(Fault.delay(4.0), path=COMPLETIONS)
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": fake_openai.openai_base_url,
+        "DATABASE_SQLITE_PATH": str(tmp_path / "stories.sqlite3"),
+        "WEB_CONCURRENCY": "2",
+        "SHUTDOWN_GRACE_SECONDS": "15",
+    }
+    with app_server(env) as server:
+        in_flight: list[httpx.Response] = []
+        request = threading.Thread(
+            target=lambda: in_flight.append(
+                httpx.post(f"{server.url}/v1/stories", json=STORY_BODY, timeout=30)
+            )
+        )
+        request.start()
+        deadline = time.monotonic() + 10
+        while fake_openai.count(path=COMPLETIONS) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake_openai.count(path=COMPLETIONS) == 1, "the story request never reached OpenAI"
+
+        server.process.send_signal(signal.SIGTERM)
+        refused_while_in_flight = False
+        while request.is_alive():
+            if _refused(server.url):
+                refused_while_in_flight = not in_flight
+                break
+            time.sleep(0.05)
+        request.join(timeout=30)
+        exit_status = server.process.wait(timeout=30)
+
+    assert refused_while_in_flight, "new connections were accepted until the drain ended"
+    assert [r.status_code for r in in_flight] == [201]
+    assert exit_status == 0
+
+
+@pytest.mark.slow
+def test_a_killed_workers_gauges_are_dropped_when_it_is_replaced(tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    env = {
+        "DATABASE_SQLITE_PATH": str(tmp_path / "stories.sqlite3"),
+        "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+
+    def live_gauge_pids() -> set[int]:
+        return {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("gauge_live*_*.db")}
+
+    def workers_of(parent: int) -> list[psutil.Process]:
+        # Workers are spawned (`spawn_main`); multiprocessing's resource tracker is not one.
+        workers = []
+        for child in psutil.Process(parent).children():
+            with contextlib.suppress(psutil.Error):  # a killed one is a zombie until reaped
+                if any("spawn_main" in part for part in child.cmdline()):
+                    workers.append(child)
+        return workers
+
+    with app_server(env) as server:
+        workers = workers_of(server.process.pid)
+        assert len(workers) == 2
+        deadline = time.monotonic() + 20
+        while not {w.pid for w in workers} <= live_gauge_pids() and time.monotonic() < deadline:
+            httpx.get(f"{server.url}/health/live", timeout=5)  # each worker samples its gauges
+            time.sleep(0.1)
+        assert {w.pid for w in workers} <= live_gauge_pids()
+
+        victim = workers[0]
+        victim.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        replaced: set[int] = set()
+        while time.monotonic() < deadline:
+            now = {c.pid for c in workers_of(server.process.pid)}
+            replaced = now - {w.pid for w in workers}
+            if replaced and victim.pid not in live_gauge_pids():
+                break
+            time.sleep(0.1)
+
+    assert replaced, "the supervisor did not replace the killed worker"
+    assert victim.pid not in live_gauge_pids(), "the killed worker's gauges are still counted"

@@ -9,7 +9,9 @@ answers. A startup that does fail exits non-zero, with one worker or several.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +130,7 @@ def test_a_database_file_that_cannot_be_opened_exits_non_zero_with_any_worker_co
 
     assert status != 0, output
     assert "cannot open the SQLite database" in output
+    assert_json_lines(output)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -145,15 +148,30 @@ def test_invalid_settings_exit_non_zero_with_any_worker_count_without_the_secret
     assert status != 0, output
     assert "pool_min_size" in output
     assert PASSWORD not in output
+    assert_json_lines(output)
 
 
 def test_a_clean_stop_of_several_workers_exits_zero(tmp_path: Path) -> None:
     env = {"WEB_CONCURRENCY": "2", "DATABASE_SQLITE_PATH": str(tmp_path / "s.db")}
     with app_server(env) as server:
         assert httpx.get(f"{server.url}/health/ready", timeout=10).status_code == 200
-        process = server.process
-    # app_server stops it with SIGTERM and waits.
-    assert process.returncode == 0, server.output()
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(timeout=30)
+        output = server.output()
+    assert status == 0, output
+    assert_json_lines(output)
+
+
+def assert_json_lines(output: str) -> None:
+    """Every line the server printed, its supervisor's included, is one JSON object."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON log line: {line!r}")
+        assert {"time", "level", "logger", "message"} <= set(entry), line
 
 
 async def test_the_deferred_repository_backs_off_redacts_and_stops_on_close(
