@@ -1,8 +1,14 @@
 // k6 load test for the story service.
 //
+//   TRUSTED_PROXIES=127.0.0.1 make run                    # the server, in another terminal
 //   k6 run load-test.js                                   # full profile, http://127.0.0.1:8000
-//   k6 run -e BASE_URL=https://staging.example -e K6_PROFILE=full load-test.js
 //   k6 run -e K6_PROFILE=ci load-test.js                  # ~20 s, few VUs (.ci/check-deploy)
+//   k6 run -e BASE_URL=https://staging.example -e CLIENT_IPS=0 load-test.js
+//
+// .ci/check-deploy runs the ci profile three times: on the embedded defaults; on
+// PostgreSQL + Redis + a healthy (fake) OpenAI with EXPECT_DEGRADED=0; and with
+// OpenAI answering 500 and Redis gone, EXPECT_DEGRADED=1 (the dependency outage:
+// every story still 201, from the fallback, and readiness still 200).
 //
 // Scenarios (run together; the burst runs last, alone):
 //   create_stories      POST /v1/stories, a fresh Idempotency-Key per iteration
@@ -18,18 +24,24 @@
 //                        override the profile's numbers (rates are iterations/second)
 //   P95_CREATE_MS, P95_READ_MS, P95_HEALTH_MS   override the latency bounds
 //   EXPECT_RATE_LIMIT=1  fail unless the burst sees 429s carrying Retry-After
-//   EXPECT_IDEMPOTENCY=1 fail unless repeated keys return the same story
+//   EXPECT_IDEMPOTENCY=1 fail unless repeated keys return the same story, the repeat
+//                        marked `Idempotent-Replayed: true`
+//   EXPECT_DEGRADED=0|1  fail unless every new story has `degraded` false (a healthy
+//                        upstream) / true (the upstream failing: the fallback serves)
 //   CLIENT_IPS=0         do not send X-Forwarded-For (see below)
 //
-// Client identity: rate limits are per client, and every k6 request leaves from
-// one address. Unless CLIENT_IPS=0, each iteration sends X-Forwarded-For with an
-// address from 198.18.0.0/15 (RFC 2544 benchmarking range; a header only, no
-// traffic goes there), so ordinary traffic looks like many clients and the burst
-// like one. The service believes the header only from its trusted proxies
-// (TRUSTED_PROXIES; uvicorn's own default is 127.0.0.1), which is right for a
-// server on this machine (.ci/check-deploy sets TRUSTED_PROXIES=127.0.0.1).
-// Behind a proxy that rewrites the header, set CLIENT_IPS=0 and expect
-// ordinary traffic to share one limit.
+// Client identity: rate limits are per client (100 requests a minute across the
+// API by default), and every k6 request leaves from one address. Unless
+// CLIENT_IPS=0, each iteration sends X-Forwarded-For with an address from
+// 198.18.0.0/15 (RFC 2544 benchmarking range; a header only, no traffic goes
+// there), so ordinary traffic looks like many clients and the burst like one.
+// The service believes that header only from TRUSTED_PROXIES, which is empty by
+// default (`python -m app` trusts no proxy, not even loopback): start the server
+// with TRUSTED_PROXIES=127.0.0.1 (compose: the Docker bridge, e.g.
+// TRUSTED_PROXIES=172.16.0.0/12 docker compose up). setup() checks that the
+// header is believed and stops with this advice when it is not, instead of
+// failing later on 429s. Behind a proxy that rewrites the header, set
+// CLIENT_IPS=0 and a RATE_LIMIT_PER_CLIENT that fits the whole load.
 
 import http from 'k6/http';
 import { check } from 'k6';
@@ -41,6 +53,8 @@ const PROFILE_NAME = __ENV.K6_PROFILE || 'full';
 const EXPECT_RATE_LIMIT = __ENV.EXPECT_RATE_LIMIT === '1';
 const EXPECT_IDEMPOTENCY = __ENV.EXPECT_IDEMPOTENCY === '1';
 const CLIENT_IPS = (__ENV.CLIENT_IPS || '1') !== '0';
+const EXPECT_DEGRADED = __ENV.EXPECT_DEGRADED === undefined || __ENV.EXPECT_DEGRADED === ''
+  ? null : __ENV.EXPECT_DEGRADED === '1';
 
 const PROFILES = {
   // ~20 s end to end on a 2-core CI machine that also runs the server.
@@ -90,6 +104,8 @@ const rateLimited = new Counter('rate_limited_responses');
 const burstLimitedRate = new Rate('burst_rate_limited');
 const retryAfterPresent = new Rate('rate_limit_retry_after_present');
 const idempotencyConsistent = new Rate('idempotency_consistent');
+const rateLimitHeaders = new Rate('rate_limit_headers_present');
+const degradedAsExpected = new Rate('degraded_as_expected');
 
 function arrival(rate, execName, startTime, duration, tags) {
   return {
@@ -121,7 +137,12 @@ const thresholds = {
   // Listed so the summary shows them even when nothing is asserted.
   rate_limited_responses: ['count>=0'],
   burst_rate_limited: ['rate>=0'],
+  // Every API answer tells the client its limit (X-RateLimit-Limit/-Remaining/-Reset).
+  rate_limit_headers_present: ['rate==1'],
 };
+if (EXPECT_DEGRADED !== null) {
+  thresholds.degraded_as_expected = ['rate==1'];
+}
 if (EXPECT_RATE_LIMIT) {
   thresholds.rate_limited_responses = ['count>0'];
   thresholds.rate_limit_retry_after_present = ['rate==1'];
@@ -205,11 +226,48 @@ function isCreated(res) {
   return res.status === 201 || res.status === 200;
 }
 
+function hasRateLimitHeaders(res) {
+  return ['X-Ratelimit-Limit', 'X-Ratelimit-Remaining', 'X-Ratelimit-Reset']
+    .every((name) => res.headers[name] !== undefined);
+}
+
+function remaining(res) {
+  return Number(res.headers['X-Ratelimit-Remaining']);
+}
+
+// Stops the run at once, with the fix, when the service keys every k6 request as
+// one client (TRUSTED_PROXIES does not name this machine): everything would be 429.
+function checkClientIdentity() {
+  if (!CLIENT_IPS) return;
+  const get = (ip) => http.get(`${BASE_URL}/v1/stories?limit=1`, {
+    headers: headers(ip), tags: { endpoint: 'setup', name: 'GET /v1/stories' },
+  });
+  const [a, b] = [randomClientIp(), randomClientIp()];
+  const first = get(a);
+  get(a);
+  const other = get(b);
+  if (!hasRateLimitHeaders(first) || !hasRateLimitHeaders(other)) return;  // limits off
+  if (remaining(other) < remaining(first)) {
+    throw new Error(
+      `${BASE_URL} ignores X-Forwarded-For from this machine, so every k6 request is one `
+      + 'client and would be rate limited. Start the server with TRUSTED_PROXIES=127.0.0.1 '
+      + '(compose: the Docker bridge network, e.g. 172.16.0.0/12), or run with CLIENT_IPS=0 '
+      + 'against a server whose RATE_LIMIT_PER_CLIENT fits the whole load.',
+    );
+  }
+}
+
+function recordDegraded(res) {
+  if (EXPECT_DEGRADED === null || !isCreated(res)) return;
+  degradedAsExpected.add(jsonField(res, 'degraded') === EXPECT_DEGRADED);
+}
+
 export function setup() {
   const probe = http.get(`${BASE_URL}/health/live`, { tags: { endpoint: 'live' } });
   if (probe.status !== 200) {
     throw new Error(`${BASE_URL}/health/live answered ${probe.status}: is the server up?`);
   }
+  checkClientIdentity();
   const ids = [];
   for (let i = 0; i < 3; i += 1) {
     const res = postStory(storyBody(), uuidv4(), randomClientIp(), 'create');
@@ -220,6 +278,8 @@ export function setup() {
 
 export function createStory() {
   const res = postStory(storyBody(), uuidv4(), randomClientIp(), 'create');
+  rateLimitHeaders.add(hasRateLimitHeaders(res));
+  recordDegraded(res);
   check(res, {
     'create: 201': isCreated,
     'create: has id': (r) => typeof jsonField(r, 'id') === 'string',
@@ -237,8 +297,11 @@ export function repeatStory() {
   const second = postStory(body, key, ip, 'create_repeat');
   check(first, { 'repeat: first created': isCreated });
   check(second, { 'repeat: second answered 2xx': isCreated });
+  recordDegraded(first);
   const sameStory = isCreated(first) && isCreated(second)
-    && jsonField(first, 'id') === jsonField(second, 'id');
+    && jsonField(first, 'id') === jsonField(second, 'id')
+    && first.headers['Idempotent-Replayed'] === undefined
+    && second.headers['Idempotent-Replayed'] === 'true';
   idempotencyConsistent.add(sameStory, { mode: 'sequential' });
   if (EXPECT_IDEMPOTENCY) check(second, { 'repeat: same story for the same key': () => sameStory });
 
@@ -270,6 +333,7 @@ export function readStories(data) {
     headers: headers(ip), tags: { endpoint: 'list', name: 'GET /v1/stories' },
   });
   const items = jsonField(list, 'items');
+  rateLimitHeaders.add(hasRateLimitHeaders(list));
   check(list, {
     'list: 200': (r) => r.status === 200,
     'list: has items': () => Array.isArray(items),
