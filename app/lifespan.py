@@ -40,6 +40,7 @@ from app.core.resilience import (
 )
 from app.core.resilience.stores import preload_breaker_script
 from app.core.security import Authenticator, build_authenticator
+from app.db.api_keys import open_api_key_store
 from app.db.deferred import DeferredRepository
 from app.db.postgres import PostgresStoryRepository
 from app.db.repository import StoryRepository
@@ -298,7 +299,9 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
     await system.start()
     stack.push_async_callback(system.stop)
     # Who the caller is: bearer JWTs (keys fetched now when from a JWKS), or nobody.
-    identity = build_authenticator(settings, observer=observer)
+    # API keys (server-to-server) first, through their own small pool.
+    api_keys = open_api_key_store(settings) if settings.auth.api_keys else None
+    identity = build_authenticator(settings, observer=observer, api_keys=api_keys)
     stack.push_async_callback(identity.aclose)
     await identity.start()
     breakers = {**upstreams.breakers, **identity.breakers, **illustrations.breakers}

@@ -6,6 +6,7 @@ import logging
 
 from app.core.resilience import DEFAULT_OBSERVER, CircuitBreaker, ResilienceObserver
 from app.core.resilience.stores import InMemoryBreakerStore
+from app.core.security.api_keys import ApiKeyAuthenticator, ApiKeyStore
 from app.core.security.jwks import JwksKeys
 from app.core.security.jwt_auth import JwtAuthenticator, KeySource, SharedSecretKeys
 from app.core.security.principal import AnonymousAuthenticator, Authenticator
@@ -23,8 +24,19 @@ JWKS_BREAKER_MAX_RECOVERY_SECONDS = 300.0
 
 
 def build_authenticator(
-    settings: Settings, *, observer: ResilienceObserver = DEFAULT_OBSERVER
+    settings: Settings,
+    *,
+    observer: ResilienceObserver = DEFAULT_OBSERVER,
+    api_keys: ApiKeyStore | None = None,
 ) -> Authenticator:
+    """The configured authenticator; with `api_keys`, API keys are accepted first."""
+    inner = _bearer_or_anonymous(settings, observer)
+    if api_keys is None:
+        return inner
+    return ApiKeyAuthenticator(inner, api_keys)
+
+
+def _bearer_or_anonymous(settings: Settings, observer: ResilienceObserver) -> Authenticator:
     auth = settings.auth
     if auth.mode is not AuthMode.JWT:
         logger.warning(

@@ -34,6 +34,8 @@ class AuthSettings(BaseSettings):
     # Keys are refetched this old, or on an unknown kid (at most once per min_refresh).
     jwks_cache_seconds: float = Field(default=600.0, gt=0)
     jwks_min_refresh_seconds: float = Field(default=30.0, gt=0)
+    # API keys for server-to-server callers (`python -m app.api_keys`), in every mode.
+    api_keys: bool = True
 
     @field_validator("jwt_secret", "jwks_url", "issuer", "audience", mode="before")
     @classmethod
