@@ -152,11 +152,22 @@ class SqliteStoryRepository:
                     (version, _iso(datetime.now(UTC))),
                 )
                 await self._conn.commit()
-            except BaseException:
+            except BaseException as error:
                 await self._conn.rollback()
+                # Several workers start on one file at once: another one may have
+                # applied this version while we waited for the write lock (our
+                # script then failed on its changes). Then it is done, not failed.
+                if isinstance(error, Exception) and await self._recorded(version):
+                    continue
                 raise
             applied.append(version)
         return applied
+
+    async def _recorded(self, version: str) -> bool:
+        async with self._conn.execute(
+            "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+        ) as cursor:
+            return await cursor.fetchone() is not None
 
     async def applied_migrations(self) -> list[str]:
         async with self._conn.execute(
