@@ -9,12 +9,14 @@ in its thread pool, a hop that halved the throughput of `/health`.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 
-from app.core.ratelimit import CLIENT_KEY, RateLimitPolicy
+from app.core.ratelimit import CLIENT_KEY
 from app.core.security import remember_principal, remembered_principal
 from app.lifespan import AppState
 from app.services.health import HealthService
@@ -52,10 +54,6 @@ async def get_health(request: Request) -> HealthService:
     return get_app_state(request).health
 
 
-async def get_rate_limits(request: Request) -> RateLimitPolicy:
-    return get_app_state(request).rate_limits
-
-
 async def get_principal(request: Request) -> str:
     """The id that owns the stories the caller creates and reads; 401 without a
     valid token (in `AUTH_MODE=jwt`). A token verified once per request."""
@@ -69,18 +67,34 @@ async def get_principal(request: Request) -> str:
 StoryServiceDep = Annotated[StoryService, Depends(get_story_service)]
 HealthDep = Annotated[HealthService, Depends(get_health)]
 PrincipalDep = Annotated[str, Depends(get_principal)]
-RateLimitsDep = Annotated[RateLimitPolicy, Depends(get_rate_limits)]
 
 
-async def enforce_rate_limit(request: Request, policy: RateLimitsDep) -> None:
-    """The route dependency that applies the limits (see `RATE_LIMITED`).
+async def enforce_rate_limit(request: Request) -> None:
+    """Counts the request against the client's limits; `RateLimitedError` (429) when over.
 
-    A dependency, not middleware: it runs once the router has chosen the route, so
-    limits are per route template and endpoint, whatever the router's internals.
     The client key was worked out by `RateLimitMiddleware`, which must be installed.
     """
+    policy = get_app_state(request).rate_limits
     await policy.check(request, request.scope["state"][CLIENT_KEY])
 
 
-#: `app.include_router(router, dependencies=RATE_LIMITED)` limits every route of `router`.
-RATE_LIMITED = [Depends(enforce_rate_limit)]
+class RateLimitedRoute(APIRoute):
+    """A route whose every request is counted against the client's limits first.
+
+    `APIRouter(route_class=RateLimitedRoute)` limits every route of that router.
+    Not a dependency: FastAPI reads and parses the body before it runs any
+    dependency, so a limited client's malformed body was a 422 (and its large
+    body was read and parsed) instead of a 429. Here the check runs once the
+    router has chosen the route (limits are per route template and endpoint)
+    and before the body is touched. A `RateLimitedError` raised here goes to the
+    app's exception handlers like any other error of the endpoint.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def limited(request: Request) -> Response:
+            await enforce_rate_limit(request)
+            return await handle(request)
+
+        return limited

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.core.ratelimit import RateLimitMiddleware, TrustedProxies, limiter
-from app.dependencies import RATE_LIMITED, principal_of
+from app.dependencies import principal_of
 from app.http.body_limit import BodySizeLimitMiddleware
 from app.http.context import RequestContextMiddleware
 from app.http.headers import HeaderLimitMiddleware
@@ -47,9 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = limiter  # slowapi's convention: @limiter.limit on endpoints
     install_error_handlers(app)
     app.include_router(health_detailed.router)
-    # API routes count against the client's rate limits; health and metrics never do.
-    app.include_router(stories.router, dependencies=RATE_LIMITED)
-    app.include_router(illustrations.router, dependencies=RATE_LIMITED)
+    # API routes count against the client's rate limits (their routers' route class,
+    # `RateLimitedRoute`, checks before the body is read); health and metrics never do.
+    app.include_router(stories.router)
+    app.include_router(illustrations.router)
     app.include_router(metrics.router)
     # Added last = outermost: the request id exists before anything else runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

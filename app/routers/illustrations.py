@@ -17,9 +17,9 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import JSONResponse
 
-from app.dependencies import PrincipalDep, StoryServiceDep
+from app.dependencies import PrincipalDep, RateLimitedRoute, StoryServiceDep
 
-router = APIRouter(prefix="/v1", tags=["stories"])
+router = APIRouter(prefix="/v1", tags=["stories"], route_class=RateLimitedRoute)
 
 _PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 # A ready picture never changes; `private`: only the owner's own client may keep it,

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from app.dependencies import PrincipalDep, StoryServiceDep
+from app.dependencies import PrincipalDep, RateLimitedRoute, StoryServiceDep
 from app.http.openapi import problem_responses
 from app.platform.metrics import record_fallback, record_story_served
 from app.schemas import (
@@ -23,7 +23,7 @@ from app.schemas import (
     StoryOut,
 )
 
-router = APIRouter(prefix="/v1", tags=["stories"])
+router = APIRouter(prefix="/v1", tags=["stories"], route_class=RateLimitedRoute)
 
 _CREATED: dict[int | str, dict[str, Any]] = {
     201: {

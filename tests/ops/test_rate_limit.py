@@ -23,7 +23,7 @@ from app.core.ratelimit import (
     limiter,
 )
 from app.core.resilience.testing import FakeClock
-from app.dependencies import RATE_LIMITED
+from app.dependencies import RateLimitedRoute
 from app.main import create_app
 from app.platform.config import RateLimitSettings, RedisSettings
 from app.platform.redis import RedisGate
@@ -121,6 +121,23 @@ async def test_story_creation_has_its_own_tighter_limit(tmp_path: Path) -> None:
     assert listed.headers["x-ratelimit-limit"] == "10"
 
 
+async def test_a_limited_clients_malformed_body_is_refused_before_it_is_parsed(
+    tmp_path: Path,
+) -> None:
+    # FastAPI parses the body before any dependency: the limit was checked after,
+    # so a limited client's malformed JSON was a 422 (and its body was parsed).
+    settings = ops_settings(tmp_path, rate_limit=limits(create_story="1/minute"))
+    headers = {"content-type": "application/json"}
+    async with running(settings) as (_, client):
+        first = await client.post("/v1/stories", content=b"{not json", headers=headers)
+        second = await client.post("/v1/stories", content=b"{not json", headers=headers)
+        invalid = await client.post("/v1/stories", json={"prompt": ""})
+
+    assert first.status_code in {400, 422}  # within the limit: the body's own error
+    assert_rate_limited(second, 1)
+    assert_rate_limited(invalid, 1)
+
+
 async def test_a_route_template_is_one_bucket_whatever_the_path_parameters(
     tmp_path: Path,
 ) -> None:
@@ -167,7 +184,7 @@ async def test_a_disabled_limiter_neither_counts_nor_adds_headers(tmp_path: Path
     assert "x-ratelimit-limit" not in responses[0].headers
 
 
-decorated = APIRouter()
+decorated = APIRouter(route_class=RateLimitedRoute)
 
 
 @decorated.get("/v1/decorated")
@@ -181,7 +198,7 @@ async def test_slowapi_decorator_limits_are_enforced_without_slowapis_sync_check
 ) -> None:
     settings = ops_settings(tmp_path, rate_limit=limits(default="10/minute"))
     app = create_app(settings)
-    app.include_router(decorated, dependencies=RATE_LIMITED)
+    app.include_router(decorated)
     async with running(settings, app=app) as (_, client):
         responses = [await client.get("/v1/decorated") for _ in range(3)]
 

@@ -12,7 +12,7 @@ class RateLimitMiddleware:
     """Pure ASGI, outside the router: names the client, and adds the rate-limit headers.
 
     It works out the client key once per request (kept in the request state for
-    the route dependency, `app.dependencies.enforce_rate_limit`, and hashed for
+    the route's check, `app.dependencies.enforce_rate_limit`, and hashed for
     the access log), marks the request as checked for slowapi's decorator (whose
     synchronous check must never run), and copies the headers the check left onto
     the response, whatever its kind.

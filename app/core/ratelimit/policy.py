@@ -6,9 +6,9 @@ slowapi's request path: slowapi 0.1.10 checks limits with *synchronous* storage
 calls inside the request, and with Redis each check would block the event loop
 for a network round trip (seconds, with redis-py's defaults, when Redis is
 silent); its middleware also cannot find routes behind FastAPI 0.165's included
-routers. Here the check is a route dependency,
-`app.dependencies.enforce_rate_limit` (applied with
-`app.include_router(router, dependencies=RATE_LIMITED)`), and it is asynchronous:
+routers. Here the check runs in the route itself, before the body is read
+(`app.dependencies.RateLimitedRoute`, the route class of the API's routers,
+calling `enforce_rate_limit`), and it is asynchronous:
 counting is `app.core.ratelimit.counters`' (one Redis round trip within a
 budget, shared by every worker and replica; in this process while Redis fails).
 
@@ -55,11 +55,11 @@ class RateLimiter(Limiter):
     """slowapi's `Limiter`, used for its decorators only (`limit`, `exempt`).
 
     The limits its decorators register are read by `RateLimitPolicy` (the
-    `enforce_rate_limit` dependency), which enforces them asynchronously; slowapi's
+    `enforce_rate_limit` check), which enforces them asynchronously; slowapi's
     own synchronous check never runs (`RateLimitMiddleware` marks every request as
     checked before the endpoint is called). A decorated endpoint must take a
     `request: Request` parameter, as slowapi requires, and belong to a router
-    included with `dependencies=RATE_LIMITED`. The decorator's `key_func`, `cost`
+    whose `route_class` is `RateLimitedRoute`. The decorator's `key_func`, `cost`
     and `exempt_when` are ignored: the key is always the client key.
     """
 
