@@ -80,6 +80,17 @@ class ServiceUnavailableError(AppError):
         super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
+class QuotaExceededError(AppError):
+    """The principal's daily story quota is spent; `Retry-After` says when it renews."""
+
+    status_code = 429
+    title = "Daily quota reached"
+    slug = "quota-exceeded"
+
+    def __init__(self, detail: str, *, retry_after: float) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
 class PayloadTooLargeError(AppError):
     status_code = 413
     title = "Payload too large"

@@ -72,6 +72,7 @@ from app.services.idempotency import IdempotencyPolicy
 from app.services.illustrations import IllustrationService
 from app.services.ladder import LadderBudget
 from app.services.moderation import ModerationService
+from app.services.quota import DailyQuota
 from app.services.stories import StoryService
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,11 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
             },
         ),
         cache=cache,
+        quota=DailyQuota(
+            repository,
+            settings.story_daily_quota,
+            exempt=frozenset({settings.anonymous_principal}),
+        ),
         # Every prompt and upstream story checked (docs/security.md, "Child-safe content").
         moderation=ModerationService.from_settings(
             settings, upstreams.moderator, record=record_moderation

@@ -219,6 +219,9 @@ class DeferredRepository:
     async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]:
         return await self._ready().recommend(owner, age, limit)
 
+    async def count_created_since(self, owner: str, since: datetime) -> int:
+        return await self._ready().count_created_since(owner, since)
+
     async def ping(self) -> float:
         return await self._ready().ping()
 

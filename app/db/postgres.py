@@ -311,6 +311,12 @@ class PostgresStoryRepository:
         )
         return [_record_from_pg(r) for r in rows]
 
+    async def count_created_since(self, owner: str, since: datetime) -> int:
+        count = await self._pool.fetchval(
+            "SELECT count(*) FROM stories WHERE owner = $1 AND created_at >= $2", owner, since
+        )
+        return int(count)
+
     async def ping(self) -> float:
         started = time.perf_counter()
         await self._pool.fetchval("SELECT 1")

@@ -142,6 +142,9 @@ class StoryRepository(Protocol):
 
     async def recommend(self, owner: str, age: int, limit: int) -> list[StoryRecord]: ...
 
+    async def count_created_since(self, owner: str, since: datetime) -> int:
+        """How many stories `owner` has had stored since `since` (the daily quota)."""
+
     async def ping(self) -> float:
         """One round trip; returns its duration in milliseconds."""
 

@@ -380,6 +380,15 @@ class SqliteStoryRepository:
         )
         return [_record_from_sqlite(r) for r in rows]
 
+    async def count_created_since(self, owner: str, since: datetime) -> int:
+        # created_at is ISO 8601 in UTC (`_iso`): text order is time order.
+        async with self._conn.execute(
+            "SELECT count(*) FROM stories WHERE owner = ? AND created_at >= ?",
+            (owner, _iso(since)),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row is not None else 0
+
     async def ping(self) -> float:
         started = time.perf_counter()
         await self._rows("SELECT 1", ())

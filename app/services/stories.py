@@ -54,6 +54,7 @@ from app.services.idempotency import (
 from app.services.illustrations import IllustrationService, PictureReply
 from app.services.ladder import LadderBudget
 from app.services.moderation import ContentCheck, ModerationService
+from app.services.quota import DailyQuota
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class StoryService:
         deadline_seconds: float = 30.0,
         budget: LadderBudget | None = None,
         moderation: ModerationService | None = None,
+        quota: DailyQuota | None = None,
     ) -> None:
+        self._quota = quota
         self._deadline_seconds = deadline_seconds
         self._repository = repository
         self._providers = tuple(providers)
@@ -134,6 +137,8 @@ class StoryService:
         idempotency_key: str | None,
         claim_token: str | None,
     ) -> StoryRecord:
+        if self._quota is not None:  # before anything is paid for
+            await self._quota.check(owner)
         started = time.perf_counter()
         story, degraded = await self._write(request)
         illustration = None

@@ -1,5 +1,6 @@
-"""Object storage for the integration tests: a local directory, and an S3 wire-protocol
-server (moto in server mode, on 127.0.0.1) with a fresh bucket per test."""
+"""Fixtures shared by the integration tests: the settings of both databases with
+HS256 tokens, and object storage (a local directory, and an S3 wire-protocol
+server: moto in server mode, on 127.0.0.1, with a fresh bucket per test)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from moto.server import ThreadedMotoServer
 from pydantic import SecretStr
 
 from app.platform.config import ObjectStoreSettings
+from tests.integration.test_auth_api import SettingsFactory, hs256_auth
+from tests.support import make_settings
 
 S3_KEY_ID, S3_SECRET, S3_REGION = "test-key-id", "test-secret-key", "us-east-1"
 
@@ -58,3 +61,13 @@ def object_store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Obj
     if request.param == "s3":
         return s3_settings(request.getfixturevalue("s3_endpoint"))
     return ObjectStoreSettings(_env_file=None, backend="local", local_path=tmp_path / "objects")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings_for(request: pytest.FixtureRequest, tmp_path: Path) -> SettingsFactory:
+    """HS256 settings on the parametrized database; extra keywords pass through."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("clean_postgres")
+        return lambda **kwargs: make_settings(database_url=url, auth=hs256_auth(), **kwargs)
+    path = tmp_path / "stories.sqlite3"
+    return lambda **kwargs: make_settings(sqlite_path=path, auth=hs256_auth(), **kwargs)

@@ -46,16 +46,6 @@ def as_(sub: str) -> dict[str, str]:
 ALICE, BOB = as_("alice"), as_("bob")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def settings_for(request: pytest.FixtureRequest, tmp_path: Path) -> SettingsFactory:
-    """HS256 settings on the parametrized database; extra keywords pass through."""
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("clean_postgres")
-        return lambda **kwargs: make_settings(database_url=url, auth=hs256_auth(), **kwargs)
-    path = tmp_path / "stories.sqlite3"
-    return lambda **kwargs: make_settings(sqlite_path=path, auth=hs256_auth(), **kwargs)
-
-
 def assert_unauthorized(response: httpx.Response, description: str | None) -> dict[str, Any]:
     assert response.status_code == 401, response.text
     assert response.headers["content-type"] == PROBLEM_JSON

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     # A request holds its key on a lease this long, renewed every third of it while
     # it runs; a key whose holder died (lease not renewed) is free after this long.
     idempotency_lease_seconds: float = Field(default=5.0, gt=0)
+    # New stories one authenticated principal may have per UTC day (0: no quota).
+    story_daily_quota: int = Field(default=100, ge=0)
     # How long an upstream story is kept as a fallback for the same request.
     story_cache_ttl_seconds: float = Field(default=24 * 3600.0, gt=0)
     # CORS is off unless origins are listed (comma-separated).
