@@ -38,6 +38,7 @@ from app.core.resilience import (
     LoggingObserver,
     ResilienceObserver,
 )
+from app.core.resilience.overrides import BreakerOverrides, OverrideSync
 from app.core.resilience.stores import preload_breaker_script
 from app.core.security import Authenticator, build_authenticator
 from app.db.api_keys import open_api_key_store
@@ -223,6 +224,13 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
 
     # Every breaker transition, retry, rejection and fallback: logged and counted.
     observer: ResilienceObserver = CompositeObserver(LoggingObserver(), PrometheusObserver())
+    overrides = BreakerOverrides()
+    if redis is not None:  # operators' force open / closed, read every second
+        syncing = asyncio.create_task(
+            every(1.0, OverrideSync(redis, overrides), what="breaker override sync", at_once=True),
+            name="breaker-overrides",
+        )
+        stack.push_async_callback(stop_task, syncing)
     upstreams = await build_upstreams(
         settings,
         redis,
@@ -230,6 +238,7 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         observer=observer,
         record_call=record_upstream_call,
         redis_gate=redis_gate,
+        overrides=overrides,
     )
     cache = StoryCache(
         redis,

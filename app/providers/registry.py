@@ -32,6 +32,7 @@ from app.core.resilience import (
     RetryBudget,
     RetryPolicy,
 )
+from app.core.resilience.overrides import BreakerOverrides, OverridingBreakerStore
 from app.core.resilience.stores import (
     FailoverBreakerStore,
     InMemoryBreakerStore,
@@ -165,9 +166,12 @@ async def build_upstreams(
     observer: ResilienceObserver,
     record_call: UpstreamCallRecorder = ignore_call,
     redis_gate: RedisGate | None = None,
+    overrides: BreakerOverrides | None = None,
 ) -> Upstreams:
     res = settings.resilience
     store = breaker_store_for(settings, redis, observer, redis_gate)
+    if overrides is not None:  # an operator's force open / closed (python -m app.breakers)
+        store = OverridingBreakerStore(store, overrides)
     breakers = {
         name: CircuitBreaker(
             name,

@@ -193,7 +193,9 @@ def breaker_check(name: str, outcome: Outcome) -> Check:
         output = "half-open: probing the upstream"
     if snapshot.store_degraded:
         output = ((output + "; ") if output else "") + "state is in-process (Redis unavailable)"
-    status = PASS if state is BreakerState.CLOSED else WARN
+    if snapshot.forced:
+        output = snapshot.forced + ((": " + output) if output else "")
+    status = PASS if state is BreakerState.CLOSED and not snapshot.forced else WARN
     return Check("circuitBreaker:state", "component", status, state.value, None, name, output)
 
 

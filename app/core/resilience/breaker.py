@@ -134,6 +134,7 @@ class BreakerSnapshot:
     open_count: int
     probes_in_flight: int = 0
     store_degraded: bool = False
+    forced: str | None = None  # an operator's override, described (`overrides`)
 
 
 class BreakerStore(Protocol):
