@@ -46,7 +46,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 ALERTS_FILE = ROOT / "deploy" / "prometheus" / "alerts.yml"
 MONITORING_DIR = K8S_DIR / "monitoring"
 
-REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD")
+REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_PASSWORD")
 # What CI pretends an operator exported: the required secrets and nothing else.
 CI_ENVIRONMENT = {name: "ci-secret-value" for name in REQUIRED_SECRETS}
 # What an operator must give the production stack besides the secrets: its
@@ -177,12 +177,15 @@ def dev_problems(config: dict[str, Any]) -> list[str]:
     for name, service in services.items():
         if not service.get("healthcheck", {}).get("test"):
             problems.append(f"dev: service {name} has no health check")
-        if service.get("ports") and name != "app":
-            problems.append(f"dev: service {name} publishes ports (only the app may)")
+        if service.get("ports") and name != "app" and not _loopback_monitoring(service):
+            problems.append(
+                f"dev: service {name} publishes ports (only the app may, and monitoring "
+                "on 127.0.0.1)"
+            )
     app = services["app"]
-    for dependency in services:
-        if dependency == "app":
-            continue
+    for dependency, service in services.items():
+        if dependency == "app" or service.get("profiles"):
+            continue  # an opt-in profile (monitoring) waits for the app, not the reverse
         condition = app.get("depends_on", {}).get(dependency, {}).get("condition")
         if condition != "service_healthy":
             problems.append(f"dev: app must depend on {dependency} with service_healthy")
@@ -203,6 +206,14 @@ def dev_problems(config: dict[str, Any]) -> list[str]:
         if app["environment"].get(key) != "":
             problems.append(f"dev: {key} must default to empty (providers are optional)")
     return problems
+
+
+def _loopback_monitoring(service: dict[str, Any]) -> bool:
+    """A service of the opt-in monitoring profile publishing on this host only."""
+    ports = [str(p.get("host_ip", "") if isinstance(p, dict) else p) for p in service["ports"]]
+    return "monitoring" in service.get("profiles", []) and all(
+        p.startswith("127.0.0.1") for p in ports
+    )
 
 
 def prod_problems(config: dict[str, Any]) -> list[str]:
