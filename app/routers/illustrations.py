@@ -18,26 +18,56 @@ from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import JSONResponse
 
 from app.dependencies import PrincipalDep, RateLimitedRoute, StoryServiceDep
+from app.http.openapi import problem_responses
 
 router = APIRouter(prefix="/v1", tags=["stories"], route_class=RateLimitedRoute)
 
-_PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 # A ready picture never changes; `private`: only the owner's own client may keep it,
 # and `Vary` keeps one account's copy from another's on a shared device.
 CACHE_CONTROL = "private, max-age=86400"
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_IMAGE_TYPES = ("image/webp", "image/png", "image/jpeg", "image/gif")
+_STRING = {"schema": {"type": "string"}}
+_PICTURE_HEADERS = {
+    "ETag": {"description": "The picture's SHA-256, quoted.", **_STRING},
+    "Cache-Control": {"description": "`private, max-age=86400`.", **_STRING},
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The picture, as stored (its type read from its bytes).",
+        "content": {kind: _BINARY for kind in _IMAGE_TYPES},
+        "headers": _PICTURE_HEADERS,
+    },
+    202: {
+        "description": "Being drawn: ask again after `Retry-After` seconds.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"type": "string", "enum": ["pending"]}},
+                },
+                "example": {"status": "pending"},
+            }
+        },
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait.", "required": True, **_STRING}
+        },
+    },
+    304: {"description": "Not modified (`If-None-Match`).", "headers": _PICTURE_HEADERS},
+    307: {
+        "description": "`OBJECT_STORE_SERVE=redirect`: a short-lived signed URL of the bucket.",
+        "headers": {"Location": {"description": "The signed URL.", "required": True, **_STRING}},
+    },
+    **problem_responses(404),
+}
 
 
 @router.get(
     "/stories/{story_id}/illustration",
     response_class=Response,
-    responses={
-        200: {"content": {"image/webp": {}, "image/png": {}, "image/jpeg": {}, "image/gif": {}}},
-        202: {"description": "Being drawn: try again after `Retry-After` seconds."},
-        304: {"description": "Not modified (`If-None-Match`)."},
-        307: {"description": "`OBJECT_STORE_SERVE=redirect`: a short-lived signed URL."},
-        404: _PROBLEM,
-        503: _PROBLEM,
-    },
+    responses=_RESPONSES,
 )
 async def get_illustration(
     story_id: UUID,
@@ -66,7 +96,9 @@ async def get_illustration(
 
 
 @router.delete(
-    "/stories/{story_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: _PROBLEM}
+    "/stories/{story_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(404),
 )
 async def delete_story(story_id: UUID, stories: StoryServiceDep, principal: PrincipalDep) -> None:
     await stories.delete(principal, story_id)
