@@ -18,7 +18,8 @@
 # Files: <prefix>_<UTC timestamp>.dump or .sql.gz, written under a temporary
 # name and renamed only once complete and readable, so a half-written dump never
 # looks like a backup. BACKUP_DIR/.last_success is touched after each success
-# (the compose health check reads its age). Exit status: 0 on success.
+# (the compose health check reads its age). A temporary file untouched for an
+# hour (its run was killed) is deleted at the next run. Exit status: 0 on success.
 set -eu
 
 log() {
@@ -57,6 +58,15 @@ command -v pg_dump >/dev/null 2>&1 || fail "pg_dump not found on PATH"
 # Dumps hold every story and prompt: readable by the owner only.
 umask 077
 mkdir -p "$BACKUP_DIR"
+
+# A run killed outright (SIGKILL, the OOM killer, a host crash) cannot remove its
+# temporary file. pg_dump writes as it goes, so one untouched for an hour is
+# no running dump's: delete it.
+find "$BACKUP_DIR" -maxdepth 1 -type f -name ".${prefix}_*.partial" -mmin +60 -print |
+    while IFS= read -r stale; do
+        rm -f -- "$stale"
+        log "deleted $stale (left by a run that was killed)"
+    done
 
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 final="$BACKUP_DIR/${prefix}_${stamp}.${extension}"

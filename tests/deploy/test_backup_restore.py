@@ -23,6 +23,7 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
+import yaml
 
 from app.db.postgres import PostgresStoryRepository
 from app.models import StoryRecord
@@ -307,3 +308,43 @@ def test_backup_refuses_a_retention_that_is_not_a_number(tmp_path: Path) -> None
     assert result.returncode != 0
     assert "BACKUP_RETENTION_DAYS" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_temporary_file_is_deleted_by_the_next_run(
+    source_database: tuple[str, list[StoryRecord]], tmp_path: Path
+) -> None:
+    source_url, _ = source_database
+    stale = _age(tmp_path / ".stories_20200101T000000Z.dump.partial", 1)
+    running = tmp_path / ".stories_20990101T000000Z.dump.partial"  # written to just now
+    running.write_bytes(b"half a dump")
+
+    backup(source_url, tmp_path)
+
+    assert not stale.exists()
+    assert running.exists()
+
+
+def _prod_healthcheck(service: str) -> str:
+    """The backup service's health-check shell line, unescaped as compose would run it."""
+    prod = yaml.safe_load((ROOT / "docker-compose.prod.yml").read_text(encoding="utf-8"))
+    test = prod["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    return str(test[1]).replace("$$", "$")
+
+
+@pytest.mark.parametrize("interval", ["10", "29", "86400"])
+def test_the_backup_health_check_passes_after_a_fresh_success_at_any_interval(
+    tmp_path: Path, interval: str
+) -> None:
+    # Two intervals, in minutes, rounded down to 0 below 30 s: "-mmin -0" matched
+    # nothing and the service was unhealthy however recent its last dump.
+    command = _prod_healthcheck("backup").replace("/backups", str(tmp_path))
+    (tmp_path / ".last_success").touch()
+    env = {"PATH": os.environ["PATH"], "BACKUP_INTERVAL_SECONDS": interval}
+
+    fresh = subprocess.run(["sh", "-c", command], env=env, check=False, timeout=30)
+    _age(tmp_path / ".last_success", 30)
+    stale = subprocess.run(["sh", "-c", command], env=env, check=False, timeout=30)
+
+    assert fresh.returncode == 0
+    assert stale.returncode != 0
