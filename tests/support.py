@@ -176,6 +176,23 @@ class Server:
         return self.log.read().decode(errors="replace")
 
 
+def run_python(
+    args: Sequence[str], env: Mapping[str, str], *, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` in the project root, as an operator runs a command: `env` over
+    the developer's environment without the service's own settings."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**child_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @contextmanager
 def server_process(
     args: Sequence[str],

@@ -10,9 +10,7 @@ every worker of a several-worker server from the next request.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,23 +29,14 @@ from app.db.api_keys import PostgresApiKeyStore
 from app.platform.config import Settings
 from tests.integration.test_auth_api import ALICE, assert_unauthorized, hs256_auth
 from tests.ops.servers import app_server
-from tests.support import _OWN_PREFIXES, ROOT, STORY_BODY, free_port, make_settings, serve
+from tests.support import STORY_BODY, free_port, make_settings, run_python, serve
 
 SettingsFactory = Callable[..., Settings]
 
 
 def api_keys(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m app.api_keys ARGS` with the service's database settings in `env`."""
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
-    return subprocess.run(
-        [sys.executable, "-m", "app.api_keys", *args],
-        cwd=ROOT,
-        env={**child_env, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python(["-m", "app.api_keys", *args], env)
 
 
 def create_key(env: Mapping[str, str], name: str) -> str:

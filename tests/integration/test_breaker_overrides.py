@@ -11,9 +11,7 @@ also tested alone on the in-process store, with a clock.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,24 +32,14 @@ from app.core.resilience.stores import InMemoryBreakerStore
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Fault
 from tests.ops.apps import ops_settings, running
-from tests.support import _OWN_PREFIXES, ROOT, STORY_BODY
+from tests.support import STORY_BODY, run_python
 
 COMPLETIONS = "/v1/chat/completions"
 
 
 def breakers(redis_url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
-    if redis_url is not None:
-        env["REDIS_URL"] = redis_url
-    return subprocess.run(
-        [sys.executable, "-m", "app.breakers", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    env = {} if redis_url is None else {"REDIS_URL": redis_url}
+    return run_python(["-m", "app.breakers", *args], env)
 
 
 def breaker_check(health: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -106,6 +106,24 @@ def test_without_a_server_handler_the_hook_stays_out_of_the_way() -> None:
     assert current is signal.SIG_DFL
 
 
+def story_in_flight(
+    url: str, fake_openai: FakeOpenAI
+) -> tuple[threading.Thread, list[httpx.Response]]:
+    """A story request that has reached (the slow) OpenAI; its response lands in the list."""
+    in_flight: list[httpx.Response] = []
+    request = threading.Thread(
+        target=lambda: in_flight.append(
+            httpx.post(f"{url}/v1/stories", json=STORY_BODY, timeout=30)
+        )
+    )
+    request.start()
+    deadline = time.monotonic() + 10
+    while fake_openai.count(path=COMPLETIONS) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake_openai.count(path=COMPLETIONS) == 1, "the story request never reached OpenAI"
+    return request, in_flight
+
+
 async def _install(hook: DrainOnSignal) -> bool:
     return hook.install()
 
@@ -125,17 +143,7 @@ def test_a_real_server_drains_on_sigterm_and_finishes_the_request_in_flight(
     }
     with app_server(env) as server:
         before = httpx.get(f"{server.url}/health/ready", timeout=5)
-        in_flight: list[httpx.Response] = []
-        request = threading.Thread(
-            target=lambda: in_flight.append(
-                httpx.post(f"{server.url}/v1/stories", json=STORY_BODY, timeout=30)
-            )
-        )
-        request.start()
-        deadline = time.monotonic() + 10
-        while fake_openai.count(path=COMPLETIONS) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert fake_openai.count(path=COMPLETIONS) == 1, "the story request never reached OpenAI"
+        request, in_flight = story_in_flight(server.url, fake_openai)
 
         server.process.send_signal(signal.SIGTERM)
         during = httpx.get(f"{server.url}/health/ready", timeout=5)
@@ -176,17 +184,7 @@ def test_with_several_workers_new_connections_are_refused_while_the_in_flight_dr
         "SHUTDOWN_GRACE_SECONDS": "15",
     }
     with app_server(env) as server:
-        in_flight: list[httpx.Response] = []
-        request = threading.Thread(
-            target=lambda: in_flight.append(
-                httpx.post(f"{server.url}/v1/stories", json=STORY_BODY, timeout=30)
-            )
-        )
-        request.start()
-        deadline = time.monotonic() + 10
-        while fake_openai.count(path=COMPLETIONS) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert fake_openai.count(path=COMPLETIONS) == 1, "the story request never reached OpenAI"
+        request, in_flight = story_in_flight(server.url, fake_openai)
 
         server.process.send_signal(signal.SIGTERM)
         refused_while_in_flight = False
