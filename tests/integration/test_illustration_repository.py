@@ -162,7 +162,8 @@ async def test_pictures_illustrated_before_are_marked_failed_by_the_migration(
     conn.row_factory = aiosqlite.Row
     repository = SqliteStoryRepository(conn)
     try:
-        assert await repository.migrate() == ["0006_stories_illustrations"]
+        applied = await repository.migrate()
+        assert applied[0] == "0006_stories_illustrations"  # and any later ones
         found = [
             await repository.get(UUID(f"00000000-0000-0000-0000-00000000000{n}"), "alice")
             for n in range(3)
