@@ -27,7 +27,7 @@ from app.core.security.api_keys import (
 )
 from app.db.api_keys import PostgresApiKeyStore
 from app.platform.config import Settings
-from tests.integration.test_auth_api import ALICE, assert_unauthorized, hs256_auth
+from tests.integration.test_auth_api import as_, assert_unauthorized, hs256_auth
 from tests.ops.servers import app_server
 from tests.support import STORY_BODY, free_port, make_settings, run_python, serve
 
@@ -82,7 +82,7 @@ async def test_a_valid_key_is_its_own_principal(database: dict[str, str]) -> Non
     async with serve(settings_on(database)) as client:
         created = await client.post("/v1/stories", json=STORY_BODY, headers=bearer(token))
         mine = await client.get("/v1/stories", headers=bearer(token))
-        by_alice = await client.get(created.headers["location"], headers=ALICE)
+        by_alice = await client.get(created.headers["location"], headers=as_("alice"))
 
     assert created.status_code == 201, created.text
     assert [s["id"] for s in mine.json()["items"]] == [created.json()["id"]]

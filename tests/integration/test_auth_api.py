@@ -40,7 +40,9 @@ def hs256_auth(**changes: Any) -> AuthSettings:
 
 
 def as_(sub: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {hs256_token(claims(sub))}"}
+    # An hour: ALICE and BOB below are minted at collection, and the whole suite
+    # runs before some of their tests do.
+    return {"Authorization": f"Bearer {hs256_token(claims(sub, ttl=3600))}"}
 
 
 ALICE, BOB = as_("alice"), as_("bob")

@@ -16,7 +16,7 @@ from app.db.repository import StoryRepository
 from app.errors import QuotaExceededError
 from app.services.quota import DailyQuota, utc_midnight
 from tests.fakes.openai_fake import FakeOpenAI
-from tests.integration.test_auth_api import ALICE, BOB, SettingsFactory
+from tests.integration.test_auth_api import SettingsFactory, as_
 from tests.integration.test_repository_contract import story
 from tests.support import STORY_BODY, serve
 
@@ -30,16 +30,18 @@ def with_key(headers: dict[str, str], key: str) -> dict[str, str]:
 async def test_a_spent_quota_is_a_429_until_midnight_and_pays_nothing(
     settings_for: SettingsFactory, fake_openai: FakeOpenAI
 ) -> None:
+    # Tokens minted now: the module-level ones expire 5 minutes after collection.
+    alice, bob = as_("alice"), as_("bob")
     settings = settings_for(story_daily_quota=2, openai_base_url=fake_openai.openai_base_url)
     async with serve(settings) as client:
-        first = await client.post("/v1/stories", json=STORY_BODY, headers=with_key(ALICE, "k1"))
-        second = await client.post("/v1/stories", json=STORY_BODY, headers=ALICE)
+        first = await client.post("/v1/stories", json=STORY_BODY, headers=with_key(alice, "k1"))
+        second = await client.post("/v1/stories", json=STORY_BODY, headers=alice)
         paid = fake_openai.count(path=COMPLETIONS)
-        refused = await client.post("/v1/stories", json=STORY_BODY, headers=ALICE)
+        refused = await client.post("/v1/stories", json=STORY_BODY, headers=alice)
         paid_after_refusal = fake_openai.count(path=COMPLETIONS)
-        repeat = await client.post("/v1/stories", json=STORY_BODY, headers=with_key(ALICE, "k1"))
-        bob = await client.post("/v1/stories", json=STORY_BODY, headers=BOB)
-        listed = await client.get("/v1/stories", headers=ALICE)
+        repeat = await client.post("/v1/stories", json=STORY_BODY, headers=with_key(alice, "k1"))
+        bob = await client.post("/v1/stories", json=STORY_BODY, headers=bob)
+        listed = await client.get("/v1/stories", headers=alice)
 
     assert [first.status_code, second.status_code] == [201, 201]
     assert refused.status_code == 429, refused.text
