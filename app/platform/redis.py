@@ -28,6 +28,16 @@ ends the call as before. The client's own socket and pool timeouts are set
 above budget + allowance (`open_redis(lag_allowance_seconds=...)`), so they
 are only a backstop and never judge Redis by the loop's lag either.
 
+For the same reason the budget does not count the wait for a connection. A
+burst of requests on a busy worker queues for the pool's connections, or opens
+new ones; measured at 200 callers, every budget this process overran was spent
+there (in the pool's queue or in the TCP connect), none on a round trip. So
+`open_redis`'s pool (`BudgetedConnectionPool`) tells the budget of the call
+that waits: while it waits, only the allowance bounds it, and once it holds a
+connection the round trip gets the whole budget. Such a wait is not trusted
+blindly: when another call sees Redis fail (the gate closes), every call still
+waiting for a connection is cut at once and answered in-process.
+
 `open_redis` builds the client all of this needs: one that fails in milliseconds.
 redis-py's defaults (5 s socket timeouts, retries with backoff) would turn a
 silent Redis into many seconds per call, and no budget could help.
@@ -35,9 +45,10 @@ silent Redis into many seconds per call, and no budget could help.
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import math
+import weakref
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -46,10 +57,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.platform.clock import SYSTEM_CLOCK, Clock
+from app.platform.redis_deadline import BudgetedConnectionPool, LoopFairDeadline
 
 __all__ = [
     "DEFAULT_LAG_ALLOWANCE_SECONDS",
     "BudgetListener",
+    "BudgetedConnectionPool",
     "LoopFairDeadline",
     "RedisBudget",
     "RedisGate",
@@ -59,6 +72,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # How much event-loop lag past a deadline is not held against Redis (REDIS_LOOP_LAG_ALLOWANCE_MS).
 DEFAULT_LAG_ALLOWANCE_SECONDS = 1.0
@@ -85,15 +100,19 @@ def open_redis(
     event loop would trip although Redis answered, are only a backstop above it.
     """
     backstop = timeout_seconds + lag_allowance_seconds
-    pool = aioredis.BlockingConnectionPool.from_url(
+    connect_seconds = max(connect_timeout_seconds, timeout_seconds)
+    pool = BudgetedConnectionPool.from_url(
         url,
         socket_timeout=backstop,
-        socket_connect_timeout=max(connect_timeout_seconds, timeout_seconds),
+        socket_connect_timeout=connect_seconds + lag_allowance_seconds,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         max_connections=max_connections,
-        timeout=backstop,
+        # The wait for a free connection: the budget decides (see below), this is
+        # the backstop for a call without one.
+        timeout=backstop + timeout_seconds,
         health_check_interval=0,
     )
+    pool.connect_seconds = connect_seconds
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -114,6 +133,8 @@ class RedisGate:
         self.lag_allowance_seconds = lag_allowance_seconds
         self._clock = clock
         self._closed_until = 0.0
+        # Calls waiting for a connection: cut when Redis is seen to fail.
+        self._local_waiters: weakref.WeakSet[LoopFairDeadline] = weakref.WeakSet()
 
     def is_open(self) -> bool:
         return self._clock.monotonic() >= self._closed_until
@@ -122,6 +143,14 @@ class RedisGate:
         self._closed_until = max(
             self._closed_until, self._clock.monotonic() + self.cool_down_seconds
         )
+        for waiter in list(self._local_waiters):
+            waiter.cut()
+
+    def add_local_waiter(self, deadline: LoopFairDeadline) -> None:
+        self._local_waiters.add(deadline)
+
+    def remove_local_waiter(self, deadline: LoopFairDeadline) -> None:
+        self._local_waiters.discard(deadline)
 
 
 class RedisGateClosedError(Exception):
@@ -192,6 +221,9 @@ class RedisBudget:
         self._retry_at = 0.0
         self._probing = False
         self.last_error: BaseException | None = None
+        #: calls answered in-process because no connection came free in time
+        self.local_wait_timeouts = 0
+        self._overload_logged_at = -math.inf
 
     @property
     def degraded(self) -> bool:
@@ -220,12 +252,20 @@ class RedisBudget:
             return await on_local(), False
         probe = self._probing = self._degraded
         try:
-            async with LoopFairDeadline(
-                self.budget_seconds, lag_allowance_seconds=self.gate.lag_allowance_seconds
-            ):
+            deadline = LoopFairDeadline(
+                self.budget_seconds,
+                lag_allowance_seconds=self.gate.lag_allowance_seconds,
+                gate=self.gate,
+            )
+            async with deadline:
                 result = await on_redis()
         except Exception as error:  # any Redis error or the budget: never the caller's
-            self._fail(error, operation)
+            if deadline.cut_by_gate:  # another call saw Redis fail while this one queued
+                self._behind_closed_gate()
+            elif deadline.expired_waiting:  # no connection came free: our overload
+                self._overloaded(operation)
+            else:
+                self._fail(error, operation)
             return await on_local(), False
         finally:
             if probe:
@@ -243,6 +283,22 @@ class RedisBudget:
         self.last_error = RedisGateClosedError()
         self.listener.gate_closed()
 
+    def _overloaded(self, operation: str) -> None:
+        """This call waited for a connection as long as the allowance lets it: it is
+        answered in-process, but Redis did not fail and nothing else changes."""
+        self.local_wait_timeouts += 1
+        now = self._clock.monotonic()
+        if now >= self._overload_logged_at + 5.0:
+            self._overload_logged_at = now
+            logger.warning(
+                "Redis budget: no connection came free in time; answered in this process",
+                extra={
+                    "operation": operation,
+                    "calls": self.local_wait_timeouts,
+                    "error": "this process is overloaded (its Redis pool is all in use), not Redis",
+                },
+            )
+
     def _fail(self, error: BaseException, operation: str) -> None:
         first = not self._degraded
         self.gate.report_failure()
@@ -250,86 +306,3 @@ class RedisBudget:
         self.last_error = error
         self._retry_at = self._clock.monotonic() + self.retry_seconds
         self.listener.redis_failed(error, operation, first=first)
-
-
-class LoopFairDeadline:
-    """`asyncio.timeout(seconds)` that does not count the event loop's lag against the body.
-
-    The deadline's timer is the probe: if it runs more than `tolerance` after it
-    was due, the loop was stalled around the deadline (by other callbacks, not by
-    what the body awaits), and a reply may be waiting unread; the deadline then
-    moves to a short recheck instead of cancelling. Once the timer runs on time
-    while the body still waits, or `seconds + lag_allowance_seconds` have passed
-    in all, the body is cancelled (one loop turn later, so a reply read in that
-    same turn still wins) and `TimeoutError` raised, as `asyncio.timeout` does.
-    With `lag_allowance_seconds=0` it is exactly `asyncio.timeout(seconds)`.
-    """
-
-    def __init__(
-        self, seconds: float, *, lag_allowance_seconds: float, tolerance: float | None = None
-    ) -> None:
-        self.seconds = seconds
-        self.lag_allowance_seconds = lag_allowance_seconds
-        # Timers run a little late on any loop; a fifth of the budget is lag, not noise.
-        self.tolerance = tolerance if tolerance is not None else max(0.002, seconds / 5)
-        #: times the deadline moved on because the loop, not the body, was late
-        self.extensions = 0
-        self.expired = False
-        self._task: asyncio.Task[object] | None = None
-        self._handle: asyncio.Handle | None = None
-        self._cancelling = 0
-        self._due = 0.0
-        self._last_call = 0.0
-
-    async def __aenter__(self) -> LoopFairDeadline:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("LoopFairDeadline must be used inside a task")
-        self._task = task
-        self._cancelling = task.cancelling()
-        now = loop.time()
-        self._due = now + self.seconds
-        self._last_call = self._due + self.lag_allowance_seconds
-        self._handle = loop.call_at(self._due, self._on_due)
-        return self
-
-    def _on_due(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        late = now - self._due
-        if late > self.tolerance and now < self._last_call:
-            # The loop was away: let it poll I/O once more before judging the body.
-            self.extensions += 1
-            self._due = min(now + self.tolerance, self._last_call)
-            self._handle = loop.call_at(self._due, self._on_due)
-            return
-        if self.lag_allowance_seconds > 0:
-            # One more turn first: a reply read in this very iteration wakes the
-            # body before the cancellation would (on loops that poll I/O first).
-            self._handle = loop.call_soon(self._expire)
-        else:  # no allowance: exactly asyncio.timeout
-            self._expire()
-
-    def _expire(self) -> None:
-        self._handle = None
-        self.expired = True
-        assert self._task is not None
-        self._task.cancel()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if not self.expired:
-            return
-        assert self._task is not None
-        # Our cancellation, if it was delivered (some awaits swallow one that races
-        # with their own completion), becomes a TimeoutError as in asyncio.timeout.
-        if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
-            raise TimeoutError from exc
