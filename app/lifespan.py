@@ -49,6 +49,7 @@ from app.db.sqlite import SqliteStoryRepository
 from app.platform.background import every, stop_task
 from app.platform.config import Settings
 from app.platform.logs import configure_logging
+from app.platform.loop_lag import LoopLag
 from app.platform.maintenance import MaintenanceSwitch
 from app.platform.metrics import (
     PrometheusObserver,
@@ -231,6 +232,9 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
             name="breaker-overrides",
         )
         stack.push_async_callback(stop_task, syncing)
+    loop_lag = LoopLag()  # our own saturation, not held against the upstreams' latency
+    loop_lag.start()
+    stack.push_async_callback(loop_lag.stop)
     upstreams = await build_upstreams(
         settings,
         redis,
@@ -239,6 +243,7 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
         record_call=record_upstream_call,
         redis_gate=redis_gate,
         overrides=overrides,
+        loop_lag=loop_lag.seconds,
     )
     cache = StoryCache(
         redis,

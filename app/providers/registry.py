@@ -15,6 +15,7 @@ in-process otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -99,10 +100,15 @@ class QuotaRecorder:
 
 
 def build_bulkhead(
-    settings: Settings, name: str, ceiling: int, observer: ResilienceObserver
+    settings: Settings,
+    name: str,
+    ceiling: int,
+    observer: ResilienceObserver,
+    loop_lag: Callable[[], float] | None = None,
 ) -> Bulkhead:
-    """The admission of one upstream operation: an adaptive limit under `ceiling`, a
-    queue of `RESILIENCE_QUEUE_MAX` in which callers wait as their deadline allows."""
+    """The admission of one upstream operation: an adaptive limit under `ceiling`
+    (holding its latency verdict while `loop_lag` explains the latency), a queue of
+    `RESILIENCE_QUEUE_MAX` in which callers wait as their deadline allows."""
     res = settings.resilience
     floor = min(res.concurrency_min, ceiling)
     limit = GradientLimit(
@@ -110,6 +116,7 @@ def build_bulkhead(
         min_limit=floor,
         max_limit=ceiling,
         tolerance=res.concurrency_latency_tolerance,
+        lag=loop_lag,
     )
     return Bulkhead(
         name,
@@ -167,6 +174,7 @@ async def build_upstreams(
     record_call: UpstreamCallRecorder = ignore_call,
     redis_gate: RedisGate | None = None,
     overrides: BreakerOverrides | None = None,
+    loop_lag: Callable[[], float] | None = None,
 ) -> Upstreams:
     res = settings.resilience
     store = breaker_store_for(settings, redis, observer, redis_gate)
@@ -190,7 +198,7 @@ async def build_upstreams(
         "replicate": settings.replicate.max_concurrency,
     }
     bulkheads = {
-        name: build_bulkhead(settings, name, ceilings[name.split(":")[0]], observer)
+        name: build_bulkhead(settings, name, ceilings[name.split(":")[0]], observer, loop_lag)
         for name in BREAKER_NAMES
     }
     oa, rp = settings.openai, settings.replicate

@@ -135,3 +135,56 @@ def test_a_fixed_limit_stays_and_tracks_latency() -> None:
 
     assert fixed.limit == fixed.max_limit == 8
     assert fixed.rtt == 2.0
+
+
+class Lag:
+    """The loop's lag, as `app.platform.loop_lag.LoopLag.seconds` reports it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_latency_our_own_loop_explains_is_no_verdict_on_the_upstream(clock: FakeClock) -> None:
+    # A 5 ms check read 100 ms late by a CPU-bound worker: the upstream is idle.
+    lag = Lag()
+    lagged = GradientLimit(initial=100, min_limit=4, max_limit=200, clock=clock, lag=lag)
+    blind = limit(clock, initial=100)
+    for target in (lagged, blind):
+        feed(target, 0.005, 20)
+    before = lagged.limit
+    lag.seconds = 0.03
+    for target in (lagged, blind):
+        feed(target, 0.1, 50)
+
+    assert blind.limit < before  # without the lag, the same samples shrink it
+    assert lagged.limit == before
+    assert lagged.lagged_samples == 50
+    assert lagged.rtt is not None
+    assert lagged.rtt > 0.05  # the queue's waits are estimated as they really are
+    assert lagged.baseline_rtt == pytest.approx(0.005, rel=0.01)
+
+
+def test_a_small_lag_against_a_slow_upstream_still_lets_latency_decide(clock: FakeClock) -> None:
+    # 20 ms of lag cannot explain a story call going from 2 s to 10 s.
+    lag = Lag()
+    target = GradientLimit(initial=100, min_limit=4, max_limit=200, clock=clock, lag=lag)
+    feed(target, 2.0, 5)
+    grown = target.limit
+    lag.seconds = 0.02
+    feed(target, 10.0, 10)
+
+    assert target.limit < grown
+    assert target.lagged_samples == 0
+
+
+def test_overload_errors_shrink_the_limit_whatever_the_lag(clock: FakeClock) -> None:
+    lag = Lag()
+    lag.seconds = 1.0
+    target = GradientLimit(initial=100, min_limit=4, max_limit=200, clock=clock, lag=lag)
+    feed(target, 0.005, 1, busy=False)
+    target.record(0.005, 100, Sample.DROPPED)
+
+    assert target.limit == 90

@@ -21,7 +21,13 @@ measures instead, as TCP congestion control and Netflix's concurrency-limits
   as one loss window is to TCP;
 - the limit stays within `[min_limit, max_limit]`; `max_limit` is the hard
   ceiling that a runaway estimate can never pass (the SDK's connection pool is
-  sized to it).
+  sized to it);
+- our own event loop's lag (`lag`, `app.platform.loop_lag.LoopLag.seconds`)
+  is part of every RTT: a CPU-bound worker reads a 5 ms reply 100 ms late. While
+  the lag alone could explain a gradient (`LAG_TURNS` x lag above half the
+  tolerance's margin over the baseline), a latency sample is no verdict on the
+  upstream: the limit and the baseline hold, and only the latency now (the
+  queue's wait estimate) follows. Overload errors still shrink the limit.
 
 `FixedLimit` is the same interface with a constant (tests, and an operator who
 sets the minimum and the ceiling equal). Time comes from an injected clock.
@@ -30,12 +36,17 @@ sets the minimum and the ceiling equal). Time comes from an injected clock.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import Enum
 from typing import Protocol
 
 from app.platform.clock import SYSTEM_CLOCK, Clock
 
-__all__ = ["ConcurrencyLimit", "FixedLimit", "GradientLimit", "Sample"]
+__all__ = ["LAG_TURNS", "ConcurrencyLimit", "FixedLimit", "GradientLimit", "Sample"]
+
+#: Loop turns one upstream call waits through (a connection, the request sent, the
+#: headers, the body): each adds the loop's lag to its RTT.
+LAG_TURNS = 4
 
 
 class Sample(Enum):
@@ -102,6 +113,7 @@ class GradientLimit:
         long_window: int = 600,
         backoff_ratio: float = 0.9,
         clock: Clock = SYSTEM_CLOCK,
+        lag: Callable[[], float] | None = None,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError("need 1 <= min_limit <= max_limit")
@@ -116,6 +128,9 @@ class GradientLimit:
         self.backoff_ratio = backoff_ratio
         self._long_alpha = 2.0 / (long_window + 1)
         self._clock = clock
+        self._lag = lag
+        #: latency samples held as no verdict because the loop lagged (module doc)
+        self.lagged_samples = 0
         self._estimate = float(min(max(initial, min_limit), max_limit))
         self._short_rtt: float | None = None
         self._long_rtt: float | None = None
@@ -155,6 +170,9 @@ class GradientLimit:
             self._short_rtt = self._long_rtt = rtt
         else:
             self._short_rtt = 0.75 * self._short_rtt + 0.25 * rtt
+            if self._loop_explains(self._long_rtt):
+                self.lagged_samples += 1
+                return
             self._long_rtt += self._long_alpha * (rtt - self._long_rtt)
         short, long = self._short_rtt, self._long_rtt
         if long / short > 2:
@@ -167,3 +185,9 @@ class GradientLimit:
         target = self._estimate * gradient + math.sqrt(self._estimate)
         estimate = (1 - self.smoothing) * self._estimate + self.smoothing * target
         self._estimate = min(float(self._max_limit), max(float(self.min_limit), estimate))
+
+    def _loop_explains(self, baseline: float) -> bool:
+        """Whether our loop's lag alone could move the RTT past the tolerance."""
+        if self._lag is None:
+            return False
+        return LAG_TURNS * self._lag() > (self.tolerance - 1) * baseline / 2
