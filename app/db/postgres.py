@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -42,12 +43,28 @@ _PLACEHOLDERS = {f"p{n}": f"${n}" for n in range(1, 12)}
 _CLAIM = CLAIM_SQL.format(**_PLACEHOLDERS)
 _RENEW = RENEW_SQL.format(**_PLACEHOLDERS)
 _RELEASE = RELEASE_SQL.format(**_PLACEHOLDERS)
-_DONE = DONE_SQL.format(**_PLACEHOLDERS)
 _CLAIM_ILLUSTRATION = CLAIM_ILLUSTRATION_SQL.format(**_PLACEHOLDERS)
 _RENEW_ILLUSTRATION = RENEW_ILLUSTRATION_SQL.format(**_PLACEHOLDERS)
 _SETTLE = SETTLE_SQL.format(**_PLACEHOLDERS)
 _PENDING_ILLUSTRATIONS = PENDING_ILLUSTRATIONS_SQL.format(**_PLACEHOLDERS)
 _GIVE_UP_ILLUSTRATIONS = GIVE_UP_ILLUSTRATIONS_SQL.format(**_PLACEHOLDERS)
+
+# $1..$27: the story, in the order of STORY_COLUMNS, each cast to its column's type
+# (see migrations/postgres), as a bare `SELECT $n` has no column to type $n by.
+_STORY_VALUES = (
+    "$1::uuid, $2::text, $3::text, $4::text[], $5::text, $6::smallint, $7::text, $8::text, "
+    "$9::text, $10::text, $11::boolean, $12::text, $13::integer, $14::integer, $15::integer, "
+    "$16::timestamptz, $17::boolean, $18::boolean, $19::text, $20::text, $21::text, "
+    "$22::integer, $23::integer, $24::integer, $25::text, $26::integer, $27::text"
+)
+_INSERT = f"INSERT INTO stories ({STORY_COLUMNS}) VALUES ({_STORY_VALUES})"  # noqa: S608
+# One statement, so one round trip: the story is stored only if DONE_SQL (owner $2, key $28,
+# token $29, story $1) marks its claim done, and the claim is marked only if the story is stored.
+_INSERT_DONE = (
+    f"WITH done AS ({DONE_SQL.format(p1='$2', p2='$28', p3='$29', p4='$1')} RETURNING 1) "  # noqa: S608
+    f"INSERT INTO stories ({STORY_COLUMNS}) SELECT {_STORY_VALUES} "
+    "WHERE EXISTS (SELECT 1 FROM done)"
+)
 
 _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
@@ -83,6 +100,44 @@ def _record_from_pg(row: asyncpg.Record) -> StoryRecord:
     )
 
 
+def _story_values(story: StoryRecord) -> tuple[Any, ...]:
+    """$1..$27 of _INSERT and _INSERT_DONE, in the order of STORY_COLUMNS."""
+    return (
+        story.id,
+        story.owner,
+        story.title,
+        list(story.paragraphs),
+        story.prompt,
+        story.age,
+        story.length,
+        story.language,
+        story.provider,
+        story.model,
+        story.degraded,
+        story.illustration_url,
+        story.prompt_tokens,
+        story.completion_tokens,
+        story.generation_ms,
+        story.created_at,
+        story.illustrate,
+        story.moderated_locally,
+        *illustration_values(story.illustration),
+    )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, minus its round trip.
+
+    asyncpg's default sends `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL` each time a connection goes back, and the caller holds the connection
+    until it answers: a second round trip per operation, which a busy worker pays
+    as a pool twice as small. This repository leaves nothing in the session to
+    reset (no session SET, LISTEN, cursor or session advisory lock; the migration
+    lock is `pg_advisory_xact_lock`, gone with its transaction), and asyncpg still
+    rolls back an open transaction before calling this.
+    """
+
+
 @storage_errors(*_OUTAGES)
 class PostgresStoryRepository:
     backend = "postgres"
@@ -107,6 +162,7 @@ class PostgresStoryRepository:
             max_size=max_size,
             command_timeout=command_timeout,
             timeout=connect_timeout,
+            reset=_keep_session,
         )
         return cls(pool, operation_timeout=connect_timeout + command_timeout)
 
@@ -138,14 +194,14 @@ class PostgresStoryRepository:
         idempotency_key: str | None = None,
         claim_token: str | None = None,
     ) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await self._insert(conn, story)
-            if idempotency_key is not None:
-                status = await conn.execute(
-                    _DONE, story.owner, idempotency_key, claim_token, story.id
-                )
-                if status != "UPDATE 1":
-                    raise ClaimLostError(idempotency_key)  # rolls the story back
+        if idempotency_key is None:
+            await self._pool.execute(_INSERT, *_story_values(story))
+            return
+        status = await self._pool.execute(
+            _INSERT_DONE, *_story_values(story), idempotency_key, claim_token
+        )
+        if status != "INSERT 0 1":
+            raise ClaimLostError(idempotency_key)  # nothing was stored
 
     async def claim_key(
         self,
@@ -195,33 +251,6 @@ class PostgresStoryRepository:
     async def purge_expired_keys(self, now: datetime) -> int:
         result = await self._pool.execute("DELETE FROM idempotency_keys WHERE expires_at < $1", now)
         return int(result.split()[-1])
-
-    @staticmethod
-    async def _insert(conn: asyncpg.Connection, story: StoryRecord) -> None:
-        await conn.execute(
-            f"INSERT INTO stories ({STORY_COLUMNS}) VALUES "  # noqa: S608 - constant column list
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, "
-            "$19, $20, $21, $22, $23, $24, $25, $26, $27)",
-            story.id,
-            story.owner,
-            story.title,
-            list(story.paragraphs),
-            story.prompt,
-            story.age,
-            story.length,
-            story.language,
-            story.provider,
-            story.model,
-            story.degraded,
-            story.illustration_url,
-            story.prompt_tokens,
-            story.completion_tokens,
-            story.generation_ms,
-            story.created_at,
-            story.illustrate,
-            story.moderated_locally,
-            *illustration_values(story.illustration),
-        )
 
     async def claim_illustration(
         self,
