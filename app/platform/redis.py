@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -134,7 +133,8 @@ class RedisGate:
         self._clock = clock
         self._closed_until = 0.0
         # Calls waiting for a connection: cut when Redis is seen to fail.
-        self._local_waiters: weakref.WeakSet[LoopFairDeadline] = weakref.WeakSet()
+        # (each removes itself when its call ends, so a plain set holds no garbage)
+        self._local_waiters: set[LoopFairDeadline] = set()
 
     def is_open(self) -> bool:
         return self._clock.monotonic() >= self._closed_until

@@ -129,6 +129,32 @@ async def test_success_while_closed_resets_the_failure_count(breaker: CircuitBre
     assert snapshot.consecutive_failures == 2
 
 
+async def test_a_call_admitted_before_the_failures_does_not_reset_them(
+    breaker: CircuitBreaker,
+) -> None:
+    # A long call admitted while the count was 0 succeeds after two newer calls
+    # failed: its success says nothing about the upstream since, and changes
+    # nothing (it is recorded without a store operation).
+    early = await breaker.acquire()
+    await fail(breaker, 2)
+    await breaker.record_success(early)
+
+    assert (await breaker.snapshot()).consecutive_failures == 2
+    await fail(breaker)
+    assert (await breaker.snapshot()).state is OPEN
+
+
+async def test_a_call_admitted_after_a_failure_resets_the_count_when_it_succeeds(
+    breaker: CircuitBreaker,
+) -> None:
+    await fail(breaker)
+    admitted = await breaker.acquire()
+    await fail(breaker)
+    await breaker.record_success(admitted)
+
+    assert (await breaker.snapshot()).consecutive_failures == 0
+
+
 async def test_open_breaker_rejects_with_seconds_until_half_open_without_calling(
     breaker: CircuitBreaker, clock: FakeClock
 ) -> None:

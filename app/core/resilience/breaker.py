@@ -98,6 +98,8 @@ class Permit:
     that expires after `probe_lease_seconds`. `epoch` is the breaker's transition
     count when the permit was granted: a result only affects the state it was
     admitted in, so a slow call from before an opening cannot close the breaker.
+    `clean`: granted while closed with no failure counted, so its success has
+    nothing to reset (`CircuitBreaker.record_success` then skips the store).
     """
 
     name: str
@@ -105,6 +107,7 @@ class Permit:
     epoch: int = 0
     lease_id: str | None = None
     origin: str = ""  # which store granted it, for stores that combine several
+    clean: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,11 @@ class CircuitBreaker:
     that died mid-probe cannot wedge it. A successful probe closes the breaker (and
     resets the lengthening); a failed probe opens it again for longer (see
     `BreakerConfig.open_seconds`). A success while closed resets the failure count.
+    A call admitted while the count was 0 ("clean") records its success without a
+    store operation: it has nothing to reset, and failures counted while it ran
+    stay, as if it had succeeded when admitted (it began before them, so it says
+    nothing about the upstream since). That is one shared-store round trip per
+    healthy call instead of two.
     `CircuitOpenError.retry_after` is the time left until half-open, or, when every
     probe lease is taken, until the oldest lease expires (an upper bound: the probe
     usually answers sooner).
@@ -233,6 +241,8 @@ class CircuitBreaker:
         return admission.permit
 
     async def record_success(self, permit: Permit) -> None:
+        if permit.clean and not permit.probe:
+            return  # nothing to reset (class doc)
         self._report(await self.store.on_success(permit, self.config))
 
     async def record_failure(self, permit: Permit) -> None:

@@ -61,7 +61,7 @@ class InMemoryBreakerStore:
                 permit = Permit(name, probe=True, epoch=record.epoch, lease_id=lease_id)
                 return Admission(permit, transition=transition)
             return Admission(None, min(record.leases.values()) - now, transition)
-        return Admission(Permit(name, epoch=record.epoch))
+        return Admission(Permit(name, epoch=record.epoch, clean=record.failures == 0))
 
     async def on_success(self, permit: Permit, config: BreakerConfig) -> Transition | None:
         record = self._records.get(permit.name)

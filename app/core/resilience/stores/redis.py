@@ -120,7 +120,7 @@ if op == 'acquire' then
     end
     return {0, 0, epoch, earliest - now, from, to}
   end
-  return {1, 0, epoch, 0, '', ''}
+  return {1, 0, epoch, 0, '', '', failures}
 end
 
 if op == 'success' then
@@ -248,7 +248,15 @@ class RedisBreakerStore:
         transition = _transition(reply, 4)
         if not admitted:
             return Admission(None, wait_ms / 1000, transition)
-        permit = Permit(name, probe=bool(probe), epoch=epoch, lease_id=lease_id if probe else None)
+        # Closed with no failure counted (the 7th value): its success has nothing to reset.
+        clean = not probe and len(reply) > 6 and int(_text(reply[6])) == 0
+        permit = Permit(
+            name,
+            probe=bool(probe),
+            epoch=epoch,
+            lease_id=lease_id if probe else None,
+            clean=clean,
+        )
         return Admission(permit, transition=transition)
 
     async def on_success(self, permit: Permit, config: BreakerConfig) -> Transition | None:
