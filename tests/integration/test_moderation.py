@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from app.core.resilience import BreakerState
@@ -219,6 +220,30 @@ async def test_the_moderation_breaker_opens_and_the_local_check_takes_over(
         ("story", "passed", "local"): 1.0,
         ("prompt", "flagged", "local"): 1.0,
     }
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.malformed(), Fault.wrong_shape(), Fault.bad_content()],
+    ids=["not_json", "wrong_shape", "flagged_null"],
+)
+async def test_an_unusable_moderation_reply_is_no_verdict_and_the_local_check_decides(
+    fake_openai: FakeOpenAI, tmp_path: Path, fault: Fault
+) -> None:
+    fake_openai.set_fault(fault, path=MODERATIONS)
+    settings = make_settings(
+        sqlite_path=tmp_path / "s.db", openai_base_url=fake_openai.openai_base_url
+    )
+    async with serve(settings) as client:
+        safe = await client.post("/v1/stories", json=STORY_BODY)
+        refused = await client.post("/v1/stories", json=KNIFE_BODY)
+
+    assert safe.status_code == 201, safe.text
+    assert safe.json()["moderated_locally"] is True
+    assert safe.json()["provider"] == "openai"
+    assert_refused_prompt(refused)
+    assert fake_openai.count(path=MODERATIONS) >= 1
+    assert fake_openai.count(path=COMPLETIONS) == 1  # the safe prompt's story only
 
 
 async def test_a_hanging_moderation_is_cut_at_its_own_budget(
