@@ -797,7 +797,8 @@ def _redis_via(proxy: FaultProxy, redis_url: str) -> aioredis.Redis:
 async def test_fault_proxy_modes(fault_proxy_redis: FaultProxy, redis_url: str) -> None:
     proxy = fault_proxy_redis
     port = proxy.port
-    assert proxy.url_for() == f"redis://127.0.0.1:{port}/15"
+    # The test database's path (REDIS_TEST_URL's), behind the proxy's address.
+    assert proxy.url_for() == f"redis://127.0.0.1:{port}{urlsplit(redis_url).path}"
     client = _redis_via(proxy, redis_url)
     try:
         assert await client.ping() is True
