@@ -55,6 +55,7 @@ from app.platform.metrics import (
     PrometheusObserver,
     mark_process_dead,
     record_cache,
+    record_loop_lag,
     record_moderation,
     record_upstream_call,
     refresh_breaker_states,
@@ -232,7 +233,7 @@ async def build_state(settings: Settings, version: str, stack: AsyncExitStack) -
             name="breaker-overrides",
         )
         stack.push_async_callback(stop_task, syncing)
-    loop_lag = LoopLag()  # our own saturation, not held against the upstreams' latency
+    loop_lag = LoopLag(report=record_loop_lag)  # our saturation: not the upstreams' latency
     loop_lag.start()
     stack.push_async_callback(loop_lag.stop)
     upstreams = await build_upstreams(

@@ -10,12 +10,14 @@ uses `LoopLag.seconds` to hold its latency verdict meanwhile).
 
 `LoopLag` sleeps `interval_seconds` at a time and keeps a smoothed average of
 how much later than asked it woke up: near 0 on an idle loop, about the length
-of one loop turn on a saturated one. It costs one timer per interval.
+of one loop turn on a saturated one. It costs one timer per interval. The
+lag is also reported (`story_event_loop_lag_seconds`, once a second).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from app.platform.background import stop_task
 
@@ -25,11 +27,22 @@ __all__ = ["LoopLag"]
 class LoopLag:
     """The event loop's lag, sampled in a background task (`start` / `stop`)."""
 
-    def __init__(self, interval_seconds: float = 0.05, smoothing: float = 0.3) -> None:
-        if interval_seconds <= 0 or not 0 < smoothing <= 1:
-            raise ValueError("need interval_seconds > 0 and 0 < smoothing <= 1")
+    def __init__(
+        self,
+        interval_seconds: float = 0.05,
+        smoothing: float = 0.3,
+        *,
+        report: Callable[[float], None] | None = None,
+        report_every: int = 20,
+    ) -> None:
+        if interval_seconds <= 0 or not 0 < smoothing <= 1 or report_every < 1:
+            raise ValueError("need interval_seconds > 0, 0 < smoothing <= 1, report_every >= 1")
         self.interval_seconds = interval_seconds
         self.smoothing = smoothing
+        # Told the smoothed lag every `report_every` samples (the metric: once a second).
+        self._report = report
+        self._report_every = report_every
+        self._samples = 0
         self._lag = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -39,6 +52,9 @@ class LoopLag:
 
     def record(self, late: float) -> None:
         self._lag += self.smoothing * (max(0.0, late) - self._lag)
+        self._samples += 1
+        if self._report is not None and self._samples % self._report_every == 0:
+            self._report(self._lag)
 
     def start(self) -> None:
         if self._task is None:

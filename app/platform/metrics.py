@@ -79,6 +79,11 @@ HTTP_IN_FLIGHT = Gauge(
     "Requests being served right now.",
     multiprocess_mode="livesum",
 )
+EVENT_LOOP_LAG = Gauge(
+    "story_event_loop_lag_seconds",
+    "How late the worker's event loop runs its timers (smoothed): its own CPU saturation.",
+    multiprocess_mode="livemax",
+)
 RATE_LIMITED = Counter(
     "story_rate_limited_requests_total",
     "Requests refused with 429 by the rate limiter, by route template.",
@@ -310,6 +315,10 @@ def record_system(
     SYSTEM_MEMORY.set(memory_percent)
     if disk_percent is not None:
         SYSTEM_DISK.set(disk_percent)
+
+
+def record_loop_lag(seconds: float) -> None:
+    EVENT_LOOP_LAG.set(seconds)
 
 
 def set_build_info(version: str) -> None:

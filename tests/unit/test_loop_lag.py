@@ -45,3 +45,12 @@ def test_the_average_smooths_samples_and_ignores_early_wakeups() -> None:
 
 def test_not_started_reads_no_lag() -> None:
     assert LoopLag().seconds() == 0.0
+
+
+def test_the_lag_is_reported_every_so_many_samples() -> None:
+    reported: list[float] = []
+    lag = LoopLag(smoothing=1.0, report=reported.append, report_every=2)
+    for late in (0.1, 0.2, 0.3, 0.4, 0.5):
+        lag.record(late)
+
+    assert reported == [0.2, 0.4]
