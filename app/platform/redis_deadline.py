@@ -43,6 +43,15 @@ _CURRENT_DEADLINE: ContextVar[LoopFairDeadline | None] = ContextVar(
 )
 
 
+def _deadline_of_this_task() -> LoopFairDeadline | None:
+    """The budget of the Redis call this task runs (a task started inside one
+    inherits the ContextVar, but not the budget)."""
+    deadline = _CURRENT_DEADLINE.get()
+    if deadline is None or deadline.task is not asyncio.current_task():
+        return None
+    return deadline
+
+
 class BudgetedConnectionPool(aioredis.BlockingConnectionPool):
     """redis-py's blocking pool, telling the running budget while a call queues for a
     connection behind the pool's limit: that wait is this process's, not Redis's
@@ -52,14 +61,14 @@ class BudgetedConnectionPool(aioredis.BlockingConnectionPool):
     connect_seconds = 0.1
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = _CURRENT_DEADLINE.get()
+        deadline = _deadline_of_this_task()
         if deadline is None:
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         with deadline.waiting_locally():
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def ensure_connection(self, connection: Any) -> None:
-        deadline = _CURRENT_DEADLINE.get()
+        deadline = _deadline_of_this_task()
         if deadline is None:
             await super().ensure_connection(connection)
             return
@@ -167,6 +176,11 @@ class LoopFairDeadline:
             self._local_waits = waits
             if not self.expired:
                 self._schedule(self._last_call)
+
+    @property
+    def task(self) -> asyncio.Task[object] | None:
+        """The task whose body this deadline bounds."""
+        return self._task
 
     def cut(self) -> None:
         """Ends a wait for a connection now: Redis was seen to fail meanwhile."""
