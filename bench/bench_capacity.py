@@ -219,7 +219,7 @@ class Run:
             f"| {self.target} | {self.latency:g} | {self.callers} | {by_provider} | "
             f"{self.percentile(50):.2f} | {self.percentile(99):.2f} | "
             f"{self.peak_rss / 2**20:.0f} | {self.healthy_share():.1%} | "
-            f"{healthy / ideal:.2f}x | {cpu_ms:.0f} | {errors} |"
+            f"{healthy / ideal:.2f}x | {cpu_ms:.1f} | {errors} |"
         )
 
 
