@@ -10,6 +10,7 @@ a while (BLPOP on an empty list), so the next call has to queue behind it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -48,16 +49,24 @@ async def local() -> str:
     return "local"
 
 
+def pinger(redis: aioredis.Redis) -> Callable[[], Awaitable[str]]:
+    async def ping() -> str:
+        return "redis" if await redis.ping() else "?"
+
+    return ping
+
+
+def budget_on(gate: RedisGate) -> RedisBudget:
+    return RedisBudget(budget_seconds=BUDGET, retry_seconds=1.0, gate=gate)
+
+
 async def test_a_call_queued_for_a_connection_is_not_held_against_redis(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     redis = one_connection(redis_url)
     gate = RedisGate(1.0, lag_allowance_seconds=ALLOWANCE)
-    budget = RedisBudget(budget_seconds=BUDGET, retry_seconds=1.0, gate=gate)
-
-    async def ping() -> str:
-        return "redis" if await redis.ping() else "?"
-
+    budget = budget_on(gate)
+    ping = pinger(redis)
     try:
         holder = await hold_the_connection(redis)
         outcome = await budget.run(ping, local)
@@ -79,11 +88,9 @@ async def test_calls_waiting_for_a_connection_are_cut_when_redis_is_seen_to_fail
 ) -> None:
     redis = one_connection(redis_url)
     gate = RedisGate(1.0, lag_allowance_seconds=ALLOWANCE)
-    waiting = RedisBudget(budget_seconds=BUDGET, retry_seconds=1.0, gate=gate)
-    failing = RedisBudget(budget_seconds=BUDGET, retry_seconds=1.0, gate=gate)
-
-    async def ping() -> str:
-        return "redis" if await redis.ping() else "?"
+    waiting = budget_on(gate)
+    failing = budget_on(gate)
+    ping = pinger(redis)
 
     async def refused() -> str:
         raise RedisConnectionError("Connection refused")
@@ -117,7 +124,7 @@ async def test_a_slow_round_trip_still_overruns_the_budget(
     (BLPOP, on a connection the call already holds) is a failure."""
     redis = one_connection(redis_url)
     gate = RedisGate(1.0, lag_allowance_seconds=ALLOWANCE)
-    budget = RedisBudget(budget_seconds=BUDGET, retry_seconds=1.0, gate=gate)
+    budget = budget_on(gate)
 
     async def slow() -> str:
         await redis.blpop(["story:test:empty"], timeout=HOLD_SECONDS)
@@ -149,11 +156,8 @@ async def test_a_call_that_never_gets_a_connection_is_answered_here_without_blam
         lag_allowance_seconds=allowance,
     )
     gate = RedisGate(1.0, lag_allowance_seconds=allowance)
-    budget = RedisBudget(budget_seconds=BUDGET, retry_seconds=1.0, gate=gate)
-
-    async def ping() -> str:
-        return "redis" if await redis.ping() else "?"
-
+    budget = budget_on(gate)
+    ping = pinger(redis)
     pool = redis.connection_pool
     try:
         taken = await pool.get_connection()  # the only connection, out of the pool
