@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -121,7 +122,17 @@ class SqliteStoryRepository:
     @classmethod
     async def open(cls, path: Path) -> SqliteStoryRepository:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path)
+        connecting = aiosqlite.connect(path)
+        try:
+            conn = await connecting
+        except BaseException:
+            # aiosqlite stops its thread after a failed connect but does not wait
+            # for it; wait here, while the loop is open, or the thread reports its
+            # stop to a closed loop and prints a traceback as the process exits.
+            thread = getattr(connecting, "_thread", None)
+            if isinstance(thread, threading.Thread) and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5.0)
+            raise
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=NORMAL")
