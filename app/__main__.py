@@ -67,7 +67,7 @@ import sys
 from collections.abc import Mapping
 from ipaddress import IPv4Network, ip_network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import uvicorn
 from pydantic import Field, ValidationError, field_validator
@@ -79,6 +79,8 @@ from app.http.server import READ_TIMEOUT_ENV
 from app.http.supervisor import Supervisor
 from app.platform.config import Settings as AppSettings
 from app.platform.logs import configure_logging, server_log_config
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 APP_IMPORT_PATH = "app.main:app"
 
@@ -225,32 +227,32 @@ def run_server(options: dict[str, Any]) -> int:
     return 0
 
 
-def check_app_settings() -> bool:
-    """Reads the app's own settings once, here in the parent process.
+def load_settings(kind: type[SettingsT]) -> SettingsT | None:
+    """Reads settings once, here in the parent process; None (logged) when invalid.
 
-    Invalid settings fail every worker the same way at import, and uvicorn's
-    supervisor respawns a worker that dies that way forever instead of exiting.
-    The log names each invalid field and why, never its value (it may be a secret).
+    Invalid app settings fail every worker the same way at import, and uvicorn's
+    supervisor respawns a worker that dies that way forever instead of exiting;
+    invalid server settings (`PORT=abc`) would be a bare traceback. The log names
+    each invalid field and why, never its value (it may be a secret).
     """
     try:
-        AppSettings()
+        return kind()
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
             for e in error.errors(include_input=False, include_url=False)
         )
         logger.error("invalid settings (%s): %s", error.title, problems)
-        return False
-    return True
+        return None
 
 
 def main() -> None:
     # JSON from the first line: settings errors and the supervisor's lines too.
     level = os.environ.get("LOG_LEVEL", "INFO").strip().upper()
     configure_logging(level if level in logging.getLevelNamesMapping() else "INFO")
-    if not check_app_settings():
+    settings = load_settings(ServerSettings)
+    if load_settings(AppSettings) is None or settings is None:
         sys.exit(STARTUP_FAILURE)
-    settings = ServerSettings()
     prepare_multiprocess_metrics(settings)
     # For DeadlineH11Protocol, which uvicorn builds in each worker process.
     os.environ[READ_TIMEOUT_ENV] = str(settings.request_read_timeout_seconds)

@@ -151,6 +151,17 @@ def test_invalid_settings_exit_non_zero_with_any_worker_count_without_the_secret
     assert_json_lines(output)
 
 
+def test_an_invalid_server_setting_is_named_in_a_log_line_not_a_traceback() -> None:
+    status, output = run_to_exit({"PORT": "70000", "WEB_CONCURRENCY": "not-a-number"})
+
+    assert status != 0, output
+    assert "invalid settings (ServerSettings)" in output
+    assert "port:" in output
+    assert "web_concurrency:" in output
+    assert "Traceback" not in output
+    assert_json_lines(output)
+
+
 def test_a_clean_stop_of_several_workers_exits_zero(tmp_path: Path) -> None:
     env = {"WEB_CONCURRENCY": "2", "DATABASE_SQLITE_PATH": str(tmp_path / "s.db")}
     with app_server(env) as server:
