@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -72,6 +72,7 @@ from app.platform.config import OpenAISettings  # noqa: E402
 from app.providers.base import StoryRequest  # noqa: E402
 from app.providers.openai import openai_client  # noqa: E402
 from app.providers.prompting import system_prompt, user_prompt  # noqa: E402
+from bench.scratch import create_database, drop_database  # noqa: E402
 from tests.support import free_port, server_process, stop  # noqa: E402
 
 COMPLETIONS = "/v1/chat/completions"
@@ -467,25 +468,11 @@ async def memory_run(params: argparse.Namespace) -> None:
 
 
 async def scratch_database(admin_url: str) -> tuple[str, str] | None:
-    name = f"bench_capacity_{secrets.token_hex(4)}"
     try:
-        conn = await asyncpg.connect(admin_url, timeout=5)
+        return await create_database(admin_url, "bench_capacity")
     except (OSError, asyncpg.PostgresError) as error:
         print(f"PostgreSQL not reachable ({error!r}): embedded SQLite instead")
         return None
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name, urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-
-
-async def drop_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url, timeout=5)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 def redis_answers(url: str) -> bool:

@@ -61,13 +61,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import redis.asyncio as aioredis
 
 from app.services.ladder import LadderBudget
+from bench.scratch import create_database, drop_database
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.replicate_fake import FakeReplicate
@@ -168,10 +169,11 @@ def parse_params(argv: Sequence[str] | None = None) -> Params:
         "--short-floors",
         type=float,
         nargs=2,
-        default=(2.0, 2.0),
+        default=(1.5, 1.5),
         metavar=("OPENAI", "REPLICATE"),
         help="OPENAI_/REPLICATE_FLOOR_SECONDS for deadlines the defaults (2, 4) do not fit "
-        "(default 2 2: about what each upstream takes)",
+        "(default 1.5 1.5: with the reserve and three content checks, 5 s; the app "
+        "refuses to start with floors its deadline cannot hold)",
     )
     parser.add_argument(
         "--redis-url", default=DEFAULT_REDIS_URL, help="a Redis database this may flush"
@@ -700,29 +702,11 @@ def fake_upstreams() -> Iterator[tuple[FakeOpenAI, FakeReplicate]]:
         yield fake_openai, fake_replicate
 
 
-async def create_database(admin_url: str) -> tuple[str, str]:
-    name = f"bench_deadlines_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_url, timeout=5)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name, urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-
-
-async def drop_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url, timeout=5)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 async def main(params: Params) -> None:
     print_machine(params)
     rng = random.Random(params.seed)
     admin = aioredis.Redis.from_url(params.redis_url, socket_timeout=5)
-    name, database_url = await create_database(params.database_url)
+    name, database_url = await create_database(params.database_url, "bench_deadlines")
     started = time.perf_counter()
     try:
         with fake_upstreams() as fakes:
